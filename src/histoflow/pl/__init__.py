@@ -1,0 +1,5 @@
+"""pl namespace (filled by later work)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

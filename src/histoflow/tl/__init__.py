@@ -1,0 +1,5 @@
+"""tl namespace (filled by later work)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
