@@ -36,7 +36,7 @@ def test_signature_conventions(name, func):
     for pname in sig.parameters:
         if pname in ("self", "kwargs", "args"):
             continue
-        assert re.search(rf"^\s*{pname}\b", documented, flags=re.M), f"{name}: parameter {pname!r} is not documented"
+        assert re.search(rf"^\s*(\w+, )*{pname}\b", documented, flags=re.M), f"{name}: parameter {pname!r} is not documented"
 
 
 

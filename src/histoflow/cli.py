@@ -25,7 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     t0 = step(f"histoflow {hf.__version__}: dataset {args.dataset!r}")
     if args.dataset == "synthetic":
-        sdata = hf.datasets.synthetic(n_slides=args.n_slides, seed=args.seed)
+        sdata = hf.datasets.synthetic(n_slides=args.n_slides, grid=(args.grid, args.grid), seed=args.seed)
     else:
         path = args.path or os.environ.get("HISTOFLOW_DATA")
         sections = args.sections.split(",") if args.sections else ["C2", "C3", "C4", "C5", "C6"]
@@ -36,18 +36,19 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  {table.n_obs} spots × {table.n_vars} genes on {len(libs)} slides {libs}; cancer types {types}")
     print(f"  images: {sorted(sdata.images)}")
 
-    t = step("pp.normalize: log1p of raw counts → layers['log1p']")
+    step("pp.normalize: log1p of raw counts → layers['log1p'] (counts kept)")
     hf.pp.normalize(sdata)
-    t = step("pp.select_genes: top-HVG per cancer type (seurat_v3 on raw counts)")
+    step("pp.split_slides: whole slides to train / val / test, stratified by cancer type")
     hf.pp.split_slides(sdata, level="slide", val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed)
     split = table.obs[Key.split].astype(str)
+    for name in ("train", "val", "test"):
+        ids = sorted(table.obs.loc[split == name, Key.library].astype(str).unique())
+        print(f"  {name}: {ids}")
+    step(f"pp.select_genes: top-{args.n_genes} HVGs per cancer type on the training slides (seurat_v3, raw counts)")
     train = (split == "train").to_numpy()
     hf.pp.select_genes(sdata, flavor="hvg", n_top=args.n_genes, mask_obs=train)
     panel = table.var_names[table.var[Key.panel].to_numpy()].tolist()
-    print(f"  panel: {len(panel)} genes chosen on training slides, e.g. {panel[:8]}")
-    for name in ("train", "val", "test"):
-        ids = sorted(table.obs.loc[split == name, Key.library].astype(str).unique())
-        print(f"  split {name}: {ids}")
+    print(f"  panel: {len(panel)} genes, e.g. {panel[:8]}")
 
     t = step(f"pp.embed_patches: encoder {args.encoder!r}, {args.patch_size_um:g} µm patches at {args.patch_px} px")
     hf.pp.embed_patches(
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", choices=["synthetic", "her2st"], default="synthetic")
     demo.add_argument("--path", help="local HER2ST folder (default: $HISTOFLOW_DATA, else download)")
     demo.add_argument("--sections", help="comma-separated HER2ST sections (default C2,C3,C4,C5,C6)")
-    demo.add_argument("--n-slides", type=int, default=6, help="synthetic slides (default 6)")
+    demo.add_argument("--n-slides", type=int, default=9, help="synthetic slides (default 9: three per cancer type)")
+    demo.add_argument("--grid", type=int, default=16, help="synthetic spots per side of each slide (default 16)")
     demo.add_argument("--n-genes", type=int, default=50, help="HVGs per cancer type (default 50)")
     demo.add_argument("--encoder", default="efficientnet_lite0", help="patch encoder (default efficientnet_lite0)")
     demo.add_argument("--patch-size-um", type=float, default=112.0)

@@ -249,3 +249,25 @@ def test_patches_match_hest_spa141(her2st_dir):
     assert ours.shape == hest_img.shape == (len(barcodes), 224, 224, 3)
     identical = (ours == hest_img).mean()
     assert identical == 1.0, f"only {identical:.4%} of pixels identical"
+
+
+def test_embed_on_two_cpu_processes_matches_single_process(sdata):
+    """Lightning DDP (2 CPU processes, gloo, ddp_spawn): same features as the single-process run."""
+    embed_patches(sdata, _MeanColour(), patch_size_um=16.0, patch_px=32, show_progress_bar=False, key_added="one")
+    embed_patches(
+        sdata, _MeanColour(), patch_size_um=16.0, patch_px=32, show_progress_bar=False, key_added="two",
+        accelerator="cpu", devices=2, strategy="ddp_spawn",
+    )
+    table = sdata.tables["table"]
+    np.testing.assert_allclose(table.obsm["two"], table.obsm["one"], rtol=1e-5, atol=1e-6)
+
+
+def test_slides_are_dealt_by_size():
+    from histoflow.io._resolve import Slide
+    from histoflow.pp._distributed import _deal, default_strategy
+
+    slides = [Slide(str(i), np.arange(n), np.zeros((n, 2)), 1.0) for i, n in enumerate([10, 8, 3, 2, 1])]
+    r0, r1 = _deal(slides, 2, 0), _deal(slides, 2, 1)
+    assert sorted(s.library_id for s in r0 + r1) == ["0", "1", "2", "3", "4"]
+    assert abs(sum(len(s.rows) for s in r0) - sum(len(s.rows) for s in r1)) <= 3
+    assert default_strategy(1) is None and default_strategy(2) == "ddp_spawn"

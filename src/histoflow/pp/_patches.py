@@ -221,11 +221,11 @@ class _Preprocess:
         self.size = enc.input_size
         self.patch_px = patch_px
 
-    def __call__(self, patches: np.ndarray) -> torch.Tensor:
+    def __call__(self, patches: np.ndarray | torch.Tensor) -> torch.Tensor:
         import torch
         import torch.nn.functional as F
 
-        x = torch.from_numpy(patches).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = torch.as_tensor(patches).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         if self.size != self.patch_px:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return (x - self.mean) / self.std
@@ -245,6 +245,10 @@ def embed_patches(
     patch_px: int = 224,
     batch_size: int = 64,
     device: str = "auto",
+    accelerator: str = "auto",
+    devices: int | str | Sequence[int] | None = None,
+    strategy: str | None = None,
+    num_nodes: int = 1,
     max_read_pixels: int = _DEFAULT_MAX_READ_PIXELS,
     show_progress_bar: bool = True,
     key_added: str | None = None,
@@ -283,7 +287,17 @@ def embed_patches(
     batch_size
         Patches per forward pass.
     device
-        ``"auto"`` (CUDA, then MPS, then CPU), or a torch device string such as ``"cuda:1"``.
+        Single-process run: ``"auto"`` (CUDA, then MPS, then CPU), or a torch device string such as ``"cuda:1"``.
+    accelerator
+        With ``devices``: Lightning accelerator (``"auto"``, ``"gpu"``, ``"cpu"``, ...).
+    devices
+        Run on several devices (or CPU processes) through Lightning's ``Trainer.predict``; e.g. ``4`` GPUs, or
+        ``2`` CPU processes with ``accelerator="cpu"``. Slides are dealt to processes, each image read by one.
+        None (default) runs in this process on ``device``.
+    strategy
+        With ``devices``: Lightning strategy; default ``"ddp_notebook"`` in Jupyter, ``"ddp_spawn"`` elsewhere.
+    num_nodes
+        With ``devices``: number of machines.
     max_read_pixels
         Largest image region (pixels) read at once; bounds memory for whole-slide images.
     show_progress_bar
@@ -298,9 +312,6 @@ def embed_patches(
     Sets ``adata.obsm['X_<encoder>' | key_added]`` (float32, spots × features) and ``adata.uns[key]`` (encoder
     name, patch size, pixel size, timing) on the table; returns the copy if ``copy=True``, else None.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     from histoflow.pp._encoders import get_encoder
 
     _validate_patch_args(patch_size_um, patch_px, batch_size)
@@ -313,23 +324,22 @@ def embed_patches(
     n_rows = sum(len(s.rows) for s in slides)
     enc = get_encoder(encoder, checkpoint=checkpoint)
     key = key_added or Key.embedding(enc.name)
-    dev = _device(device)
-    model = enc.model.to(dev).eval()
-    enc.model = model
-    prep = _Preprocess(enc, dev, patch_px)
 
     feats: np.ndarray | None = None
     t_encode = 0.0
     t0 = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=n_rows, desc=f"embed {enc.name}", disable=not show_progress_bar) as bar:
-        for rows, patches in iter_patches(slides, patch_size_um=patch_size_um, patch_px=patch_px, batch_size=batch_size):
-            t1 = time.perf_counter()
-            out = enc(prep(patches)).float().cpu().numpy()
-            t_encode += time.perf_counter() - t1
-            if feats is None:
-                feats = np.zeros((table.n_obs, out.shape[1]), dtype=np.float32)
-            feats[rows] = out
-            bar.update(len(rows))
+    if devices is not None:
+        from histoflow.pp._distributed import default_strategy, embed_distributed
+
+        feats = embed_distributed(
+            slides, enc, n_obs=table.n_obs, patch_size_um=patch_size_um, patch_px=patch_px, batch_size=batch_size,
+            max_read_pixels=max_read_pixels, accelerator=accelerator, devices=devices,
+            strategy=strategy or default_strategy(devices), num_nodes=num_nodes, show_progress_bar=show_progress_bar,
+        )
+        t_encode = float("nan")
+    else:
+        feats, t_encode = _embed_here(slides, enc, table.n_obs, n_rows, device, patch_size_um, patch_px, batch_size,
+                                      max_read_pixels, show_progress_bar)
     total = time.perf_counter() - t0
     if feats is None:  # pragma: no cover - resolve_slides rejects empty tables
         raise ValueError("No spots to embed.")
@@ -352,3 +362,39 @@ def embed_patches(
     log_write("uns", key)
     logger.info("Embedded %d patches with %r in %.1f s (encoder %.1f s)", n_rows, enc.name, total, t_encode)
     return target if copy else None
+
+
+def _embed_here(
+    slides: Sequence[Slide],
+    enc: Encoder,
+    n_obs: int,
+    n_rows: int,
+    device: str,
+    patch_size_um: float,
+    patch_px: int,
+    batch_size: int,
+    max_read_pixels: int,
+    show_progress_bar: bool,
+) -> tuple[np.ndarray | None, float]:
+    """Embed in this process; returns the features and the seconds spent in the encoder."""
+    import torch
+    from tqdm.auto import tqdm
+
+    dev = _device(device)
+    enc.model = enc.model.to(dev).eval()
+    prep = _Preprocess(enc, dev, patch_px)
+    feats: np.ndarray | None = None
+    t_encode = 0.0
+    with torch.inference_mode(), tqdm(total=n_rows, desc=f"embed {enc.name}", disable=not show_progress_bar) as bar:
+        for rows, patches in iter_patches(
+            slides, patch_size_um=patch_size_um, patch_px=patch_px, batch_size=batch_size,
+            max_read_pixels=max_read_pixels,
+        ):
+            t1 = time.perf_counter()
+            out = enc(prep(patches)).float().cpu().numpy()
+            t_encode += time.perf_counter() - t1
+            if feats is None:
+                feats = np.zeros((n_obs, out.shape[1]), dtype=np.float32)
+            feats[rows] = out
+            bar.update(len(rows))
+    return feats, t_encode
