@@ -28,14 +28,14 @@ def test_bad_arguments_give_clear_messages(capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    rc = main(["demo", "--n-slides", "9", "--grid", "4", "--patch-px", "64", "--quiet", "--out", str(tmp_path)])
+    rc = main(["demo", "--n-slides", "6", "--grid", "4", "--patch-px", "64", "--quiet", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "obsm['X_efficientnet_lite0']: 144 × 1280" in out
+    assert "obsm['X_efficientnet_lite0']: 96 × 1280" in out
     for word in ("train", "val", "test", "panel"):
         assert word in out
     summary = (tmp_path / "summary.txt").read_text()
-    assert "spots: 144" in summary
+    assert "spots: 96" in summary
 
 
 def test_python_dash_m():

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", choices=["synthetic", "her2st"], default="synthetic")
     demo.add_argument("--path", help="local HER2ST folder (default: $HISTOFLOW_DATA, else download)")
     demo.add_argument("--sections", help="comma-separated HER2ST sections (default C2,C3,C4,C5,C6)")
-    demo.add_argument("--n-slides", type=int, default=9, help="synthetic slides (default 9: three per cancer type)")
+    demo.add_argument("--n-slides", type=int, default=6, help="synthetic slides (default 6)")
     demo.add_argument("--grid", type=int, default=16, help="synthetic spots per side of each slide (default 16)")
     demo.add_argument("--n-genes", type=int, default=50, help="HVGs per cancer type (default 50)")
     demo.add_argument("--encoder", default="efficientnet_lite0", help="patch encoder (default efficientnet_lite0)")
