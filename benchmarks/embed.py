@@ -1,6 +1,7 @@
 """Throughput of ``pp.embed_patches`` against the encoder's forward pass alone on the same patches.
 
-    python benchmarks/embed.py [--dataset her2st|synthetic] [--sections C2 C3] [--repeats 3] [--encoder efficientnet_lite0]
+    python benchmarks/embed.py [--dataset her2st|synthetic] [--sections C2 C3] [--repeats 3]
+                               [--encoder efficientnet_lite0]
 
 Prints patches per second (median over repeats) of
 - ``forward``: the encoder on pre-cut, pre-normalised tensors (nothing else);
@@ -71,9 +72,11 @@ def main() -> None:
         hf.pp.embed_patches(sdata, enc, batch_size=args.batch_size, show_progress_bar=False)
         emb.append(time.perf_counter() - t)
     f, e = statistics.median(fwd), statistics.median(emb)
-    print(f"dataset={args.dataset} sections={args.sections if args.dataset == 'her2st' else '-'} spots={n} "
-          f"encoder={args.encoder} batch={args.batch_size} torch_threads={torch.get_num_threads()} "
-          f"repeats={args.repeats}")
+    print(
+        f"dataset={args.dataset} sections={args.sections if args.dataset == 'her2st' else '-'} spots={n} "
+        f"encoder={args.encoder} batch={args.batch_size} torch_threads={torch.get_num_threads()} "
+        f"repeats={args.repeats}"
+    )
     print(f"crop_patches alone (image read + cut + resize): {t_crop:.2f} s ({n / t_crop:.0f} patches/s)")
     print()
     print("| step | median s | patches/s |")

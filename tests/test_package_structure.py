@@ -24,9 +24,7 @@ def _public_functions():
 @pytest.mark.parametrize(("name", "func"), list(_public_functions()), ids=lambda x: x if isinstance(x, str) else "")
 def test_signature_conventions(name, func):
     sig = inspect.signature(func)
-    positional = [
-        p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    positional = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     assert len(positional) <= 3, f"{name} has {len(positional)} positional parameters"
     if "copy" in sig.parameters:
         p = sig.parameters["copy"]
@@ -36,9 +34,9 @@ def test_signature_conventions(name, func):
     for pname in sig.parameters:
         if pname in ("self", "kwargs", "args"):
             continue
-        assert re.search(rf"^\s*(\w+, )*{pname}\b", documented, flags=re.M), f"{name}: parameter {pname!r} is not documented"
-
-
+        assert re.search(rf"^\s*(\w+, )*{pname}\b", documented, flags=re.M), (
+            f"{name}: parameter {pname!r} is not documented"
+        )
 
 
 def test_import_is_light():
@@ -52,7 +50,10 @@ def test_import_is_light():
 
 
 def test_pp_import_does_not_import_torch():
-    code = "import sys, histoflow.pp, histoflow.io, histoflow.datasets; print('torch' in sys.modules, 'lightning' in sys.modules)"
+    code = (
+        "import sys, histoflow.pp, histoflow.io, histoflow.datasets; "
+        "print('torch' in sys.modules, 'lightning' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False False"
 

@@ -54,8 +54,11 @@ def get_table(sdata: SpatialData | AnnData, table_key: str | None = Key.table) -
 
 
 def copy_data(sdata: SpatialData | AnnData, table_key: str | None = Key.table) -> SpatialData | AnnData:
-    """Copy ``sdata`` for ``copy=True``: an AnnData is copied; a SpatialData keeps its (read-only) images,
-    shapes, points and labels and gets deep copies of its tables."""
+    """Copy ``sdata`` for ``copy=True``.
+
+    An AnnData is copied; a SpatialData keeps its (read-only) images, shapes, points and labels and gets deep
+    copies of its tables.
+    """
     from anndata import AnnData
 
     if isinstance(sdata, AnnData):

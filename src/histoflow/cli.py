@@ -52,14 +52,20 @@ def _demo(args: argparse.Namespace) -> int:
 
     t = step(f"pp.embed_patches: encoder {args.encoder!r}, {args.patch_size_um:g} µm patches at {args.patch_px} px")
     hf.pp.embed_patches(
-        sdata, args.encoder, patch_size_um=args.patch_size_um, patch_px=args.patch_px, batch_size=args.batch_size,
+        sdata,
+        args.encoder,
+        patch_size_um=args.patch_size_um,
+        patch_px=args.patch_px,
+        batch_size=args.batch_size,
         show_progress_bar=not args.quiet,
     )
     key = f"X_{args.encoder}"
     feats = table.obsm[key]
     rate = table.n_obs / (time.perf_counter() - t)
-    print(f"  obsm[{key!r}]: {feats.shape[0]} × {feats.shape[1]} features ({rate:.0f} patches/s); "
-          f"mean {float(np.mean(feats)):.4f}")
+    print(
+        f"  obsm[{key!r}]: {feats.shape[0]} × {feats.shape[1]} features ({rate:.0f} patches/s); "
+        f"mean {float(np.mean(feats)):.4f}"
+    )
 
     if args.out:
         out = Path(args.out)

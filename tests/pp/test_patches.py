@@ -25,8 +25,14 @@ def _slide(lib: str, n: int = 6, h: int = 300, w: int = 400, px: float = 0.5, se
     centers = np.column_stack([rng.uniform(margin, w - margin, n), rng.uniform(margin, h - margin, n)])
     counts = rng.poisson(3.0, size=(n, 5))
     return SlideParts(
-        library_id=lib, spot_ids=[f"s{i}" for i in range(n)], centers_px=centers, pixel_size_um=px,
-        spot_diameter_um=55.0, counts=counts, var_names=[f"G{i}" for i in range(5)], image=_image(h, w, seed),
+        library_id=lib,
+        spot_ids=[f"s{i}" for i in range(n)],
+        centers_px=centers,
+        pixel_size_um=px,
+        spot_diameter_um=55.0,
+        counts=counts,
+        var_names=[f"G{i}" for i in range(5)],
+        image=_image(h, w, seed),
         meta={Key.cancer_type: "IDC"},
     )
 
@@ -106,7 +112,11 @@ def test_patch_beyond_border_is_padded():
 
 
 def test_choose_level_prefers_coarsest_sufficient_level():
-    levels = [ImageLevel(np.zeros((3, 8, 8)), 1.0), ImageLevel(np.zeros((3, 4, 4)), 2.0), ImageLevel(np.zeros((3, 2, 2)), 4.0)]
+    levels = [
+        ImageLevel(np.zeros((3, 8, 8)), 1.0),
+        ImageLevel(np.zeros((3, 4, 4)), 2.0),
+        ImageLevel(np.zeros((3, 2, 2)), 4.0),
+    ]
     assert _choose_level(levels, 0.25, 0.5) == 1  # 0.25 × 2 = 0.5 µm/px is enough
     assert _choose_level(levels, 0.1, 0.5) == 2
     assert _choose_level(levels, 0.7, 0.5) == 0  # coarser than wanted: the finest level
@@ -184,10 +194,20 @@ class _MeanColour(torch.nn.Module):
 
 def test_embed_custom_module_values_and_keys(sdata):
     table = sdata.tables["table"]
-    before = {"obs": list(table.obs.columns), "obsm": set(table.obsm), "layers": set(table.layers), "uns": set(table.uns)}
+    before = {
+        "obs": list(table.obs.columns),
+        "obsm": set(table.obsm),
+        "layers": set(table.layers),
+        "uns": set(table.uns),
+    }
     X_before = table.X.copy()
     embed_patches(
-        sdata, _MeanColour(), patch_size_um=16.0, patch_px=32, show_progress_bar=False, key_added="X_mean",
+        sdata,
+        _MeanColour(),
+        patch_size_um=16.0,
+        patch_px=32,
+        show_progress_bar=False,
+        key_added="X_mean",
     )
     patches = crop_patches(sdata, patch_size_um=16.0, patch_px=32)
     from histoflow.pp._encoders import IMAGENET_MEAN, IMAGENET_STD
@@ -255,8 +275,15 @@ def test_embed_on_two_cpu_processes_matches_single_process(sdata):
     """Lightning DDP (2 CPU processes, gloo, ddp_spawn): same features as the single-process run."""
     embed_patches(sdata, _MeanColour(), patch_size_um=16.0, patch_px=32, show_progress_bar=False, key_added="one")
     embed_patches(
-        sdata, _MeanColour(), patch_size_um=16.0, patch_px=32, show_progress_bar=False, key_added="two",
-        accelerator="cpu", devices=2, strategy="ddp_spawn",
+        sdata,
+        _MeanColour(),
+        patch_size_um=16.0,
+        patch_px=32,
+        show_progress_bar=False,
+        key_added="two",
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
     )
     table = sdata.tables["table"]
     np.testing.assert_allclose(table.obsm["two"], table.obsm["one"], rtol=1e-5, atol=1e-6)

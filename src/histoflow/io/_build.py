@@ -29,13 +29,29 @@ from histoflow._constants import Key
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-__all__ = ["SlideParts", "build_spatialdata", "SLIDE_META_COLUMNS"]
+__all__ = ["SlideParts", "build_spatialdata", "as_uint8_rgb", "SLIDE_META_COLUMNS"]
 
 #: Per-slide metadata columns written into ``obs`` (constant within a slide).
 SLIDE_META_COLUMNS = (Key.patient, Key.cancer_type, Key.organ, Key.species, Key.technology)
 
 # images larger than this (pixels along the longest side) get a pyramid
 _PYRAMID_MIN_SIDE = 4096
+
+
+def as_uint8_rgb(img: Any, what: str) -> np.ndarray:
+    """``(y, x, 3)`` uint8 RGB from uint8/uint16/float (scanpy stores [0, 1] floats) images; alpha dropped."""
+    img = np.asarray(img)
+    if img.ndim != 3 or img.shape[-1] not in (3, 4):
+        raise ValueError(f"{what} must be an RGB image (y, x, 3), got shape {img.shape}.")
+    img = img[..., :3]
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype.kind == "f":
+        scale = 255.0 if float(np.nanmax(img)) <= 1.0 else 1.0
+        return np.clip(np.rint(img * scale), 0, 255).astype(np.uint8)
+    if img.dtype == np.uint16:
+        return (img // 257).astype(np.uint8)
+    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 @dataclass

@@ -1,5 +1,8 @@
-"""Resolve a SpatialData (or a scanpy-style AnnData) into slides: table rows, spot centres in image pixels,
-the image pyramid and the physical pixel size. Joins use the table's instance key, never row order."""
+"""Resolve a SpatialData (or a scanpy-style AnnData) into slides.
+
+Each slide gets its table rows, spot centres in image pixels, the image pyramid and the physical pixel size.
+Joins use the table's instance key, never row order.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import pandas as pd
 
 from histoflow._constants import DEFAULT_SPOT_DIAMETER_UM, Key
 from histoflow._utils import is_spatialdata, table_keys
+from histoflow.io._build import as_uint8_rgb
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -22,7 +26,10 @@ __all__ = ["Slide", "ImageLevel", "resolve_slides"]
 
 @dataclass
 class ImageLevel:
-    """One pyramid level: ``data`` is a ``(c, y, x)`` array (numpy or dask); ``downsample`` = level-0 pixels per pixel."""
+    """One pyramid level: ``data`` is a ``(c, y, x)`` array (numpy or dask).
+
+    ``downsample`` is the number of level-0 pixels per pixel of this level.
+    """
 
     data: Any
     downsample: float
@@ -67,7 +74,9 @@ def _library_column(table: AnnData, library_key: str | None, region_key: str | N
     if region_key is not None and region_key in table.obs:
         return table.obs[region_key].astype(str)
     if library_key is not None and library_key != Key.library:
-        raise KeyError(f"`library_key={library_key!r}` is not a column of `adata.obs`; pass the column that names slides.")
+        raise KeyError(
+            f"`library_key={library_key!r}` is not a column of `adata.obs`; pass the column that names slides."
+        )
     return pd.Series("slide", index=table.obs_names)
 
 
@@ -93,7 +102,8 @@ def _pixel_size(table: AnnData, rows: np.ndarray, pixel_size_key: str, radius_un
         return diam_um / (2.0 * radius_units)
     raise KeyError(
         f"No pixel size for slide {lib!r}: `adata.obs[{pixel_size_key!r}]` is missing and it cannot be inferred from "
-        f"the spot radius and a known spot diameter. Set `adata.obs[{pixel_size_key!r}]` (micrometres per full-resolution "
+        f"the spot radius and a known spot diameter. Set `adata.obs[{pixel_size_key!r}]` (micrometres per "
+        "full-resolution "
         f"pixel) or pass `pixel_size_key=` naming the column that holds it."
     )
 
@@ -155,6 +165,22 @@ def _image_for(sdata: SpatialData, shapes_name: str, image_key: str | Mapping[st
     return min(candidates)[1]
 
 
+def _shapes_to_image(shapes: Any, image: Any) -> np.ndarray:
+    """3×3 affine from the shapes' intrinsic (x, y) to the image's level-0 pixels.
+
+    It goes through a shared coordinate system (the first in sorted order), so several equal paths are fine,
+    unlike spatialdata's graph search.
+    """
+    from spatialdata.transformations import get_transformation
+
+    t_shapes = get_transformation(shapes, get_all=True)
+    t_image = get_transformation(image, get_all=True)
+    cs = sorted(set(t_shapes) & set(t_image))[0]
+    a_shapes = t_shapes[cs].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    a_image = t_image[cs].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    return np.linalg.inv(a_image) @ a_shapes
+
+
 def resolve_slides(
     sdata: SpatialData | AnnData,
     table: AnnData,
@@ -186,8 +212,6 @@ def _resolve_sdata(
     pixel_size_key: str,
     need_image: bool,
 ) -> list[Slide]:
-    from spatialdata.transformations import get_transformation_between_coordinate_systems
-
     regions, region_key, instance_key = table_keys(table)
     if region_key is None or instance_key is None:
         raise ValueError("The table does not annotate any shapes (no `spatialdata_attrs`); parse it with TableModel.")
@@ -198,7 +222,9 @@ def _resolve_sdata(
         rows = np.flatnonzero(libs.to_numpy() == lib)
         slide_regions = pd.unique(region_of[rows])
         if len(slide_regions) != 1:
-            raise ValueError(f"Slide {lib!r} spans several shapes elements {list(slide_regions)}; one per slide expected.")
+            raise ValueError(
+                f"Slide {lib!r} spans several shapes elements {list(slide_regions)}; one per slide expected."
+            )
         region = str(slide_regions[0])
         if region not in sdata.shapes:
             raise KeyError(f"The table annotates {region!r}, which is not a shapes element of `sdata`.")
@@ -211,7 +237,9 @@ def _resolve_sdata(
                 f"`obs[{instance_key!r}]`), e.g. {ids[pos < 0].iloc[0]!r}."
             )
         geom = shapes.geometry.iloc[pos]
-        xy = np.column_stack([geom.centroid.x.to_numpy(), geom.centroid.y.to_numpy()]) if len(geom) else np.zeros((0, 2))
+        xy = (
+            np.column_stack([geom.centroid.x.to_numpy(), geom.centroid.y.to_numpy()]) if len(geom) else np.zeros((0, 2))
+        )
         radius = float(shapes["radius"].iloc[pos].median()) if "radius" in shapes.columns else None
         px_units = _pixel_size(table, rows, pixel_size_key, radius, lib)
         if not need_image:
@@ -219,9 +247,7 @@ def _resolve_sdata(
             continue
         key = _image_for(sdata, region, image_key, str(lib))
         image = sdata.images[key]
-        affine = get_transformation_between_coordinate_systems(sdata, shapes, image).to_affine_matrix(
-            input_axes=("x", "y"), output_axes=("x", "y")
-        )
+        affine = _shapes_to_image(shapes, image)
         centers = xy @ affine[:2, :2].T + affine[:2, 2]
         scale = abs(np.linalg.det(affine[:2, :2])) ** 0.5  # image pixels per shapes unit
         levels = _levels_of(image)
@@ -251,8 +277,10 @@ def _resolve_anndata(
     slides = []
     for lib in pd.unique(libs):
         rows = np.flatnonzero(libs.to_numpy() == lib)
-        entry = spatial_uns.get(lib) if lib in spatial_uns else (
-            next(iter(spatial_uns.values())) if len(spatial_uns) == 1 else None
+        entry = (
+            spatial_uns.get(lib)
+            if lib in spatial_uns
+            else (next(iter(spatial_uns.values())) if len(spatial_uns) == 1 else None)
         )
         sf = (entry or {}).get("scalefactors", {})
         diam_px = sf.get("spot_diameter_fullres")
@@ -269,13 +297,11 @@ def _resolve_anndata(
                 f"No image for slide {lib!r} in `adata.uns['spatial']` (found {sorted(images)}); convert the data with "
                 "`histoflow.io.from_anndata` or pass a SpatialData with the H&E image."
             )
-        scalef = 1.0 if name == "fullres" else float(
-            sf.get(f"tissue_{name}_scalef", sf.get("tissue_hires_scalef", 1.0))
+        scalef = (
+            1.0 if name == "fullres" else float(sf.get(f"tissue_{name}_scalef", sf.get("tissue_hires_scalef", 1.0)))
         )
-        img = np.asarray(images[name])
-        if img.dtype != np.uint8:
-            img = (np.clip(img, 0, 1) * 255).astype(np.uint8) if img.max() <= 1.0 else img.astype(np.uint8)
-        level = ImageLevel(np.moveaxis(img[..., :3], -1, 0), 1.0)
+        img = as_uint8_rgb(images[name], f"Image {name!r} of slide {lib!r}")
+        level = ImageLevel(np.moveaxis(img, -1, 0), 1.0)
         centers = coords[rows] * scalef
         _check_inside(centers, level, str(lib))
         slides.append(Slide(str(lib), rows, centers, px_units / scalef, [level], None))

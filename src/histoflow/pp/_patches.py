@@ -170,7 +170,11 @@ def crop_patches(
     _validate_patch_args(patch_size_um, patch_px)
     table = get_table(sdata, table_key)
     slides = resolve_slides(
-        sdata, table, library_key=library_key, image_key=image_key, spatial_key=spatial_key,
+        sdata,
+        table,
+        library_key=library_key,
+        image_key=image_key,
+        spatial_key=spatial_key,
         pixel_size_key=pixel_size_key,
     )
     if obs_names is not None:
@@ -193,8 +197,9 @@ def crop_patches(
 
 def _subset_slide(slide: Slide, rows: np.ndarray) -> Slide:
     keep = np.isin(slide.rows, rows)
-    return Slide(slide.library_id, slide.rows[keep], slide.centers[keep], slide.pixel_size_um, slide.levels,
-                 slide.image_key)
+    return Slide(
+        slide.library_id, slide.rows[keep], slide.centers[keep], slide.pixel_size_um, slide.levels, slide.image_key
+    )
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -318,7 +323,11 @@ def embed_patches(
     target = copy_data(sdata, table_key) if copy else sdata
     table = get_table(target, table_key)
     slides = resolve_slides(
-        target, table, library_key=library_key, image_key=image_key, spatial_key=spatial_key,
+        target,
+        table,
+        library_key=library_key,
+        image_key=image_key,
+        spatial_key=spatial_key,
         pixel_size_key=pixel_size_key,
     )
     n_rows = sum(len(s.rows) for s in slides)
@@ -332,14 +341,33 @@ def embed_patches(
         from histoflow.pp._distributed import default_strategy, embed_distributed
 
         feats = embed_distributed(
-            slides, enc, n_obs=table.n_obs, patch_size_um=patch_size_um, patch_px=patch_px, batch_size=batch_size,
-            max_read_pixels=max_read_pixels, accelerator=accelerator, devices=devices,
-            strategy=strategy or default_strategy(devices), num_nodes=num_nodes, show_progress_bar=show_progress_bar,
+            slides,
+            enc,
+            n_obs=table.n_obs,
+            patch_size_um=patch_size_um,
+            patch_px=patch_px,
+            batch_size=batch_size,
+            max_read_pixels=max_read_pixels,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy or default_strategy(devices),
+            num_nodes=num_nodes,
+            show_progress_bar=show_progress_bar,
         )
         t_encode = float("nan")
     else:
-        feats, t_encode = _embed_here(slides, enc, table.n_obs, n_rows, device, patch_size_um, patch_px, batch_size,
-                                      max_read_pixels, show_progress_bar)
+        feats, t_encode = _embed_here(
+            slides,
+            enc,
+            table.n_obs,
+            n_rows,
+            device,
+            patch_size_um,
+            patch_px,
+            batch_size,
+            max_read_pixels,
+            show_progress_bar,
+        )
     total = time.perf_counter() - t0
     if feats is None:  # pragma: no cover - resolve_slides rejects empty tables
         raise ValueError("No spots to embed.")
@@ -387,7 +415,10 @@ def _embed_here(
     t_encode = 0.0
     with torch.inference_mode(), tqdm(total=n_rows, desc=f"embed {enc.name}", disable=not show_progress_bar) as bar:
         for rows, patches in iter_patches(
-            slides, patch_size_um=patch_size_um, patch_px=patch_px, batch_size=batch_size,
+            slides,
+            patch_size_um=patch_size_um,
+            patch_px=patch_px,
+            batch_size=batch_size,
             max_read_pixels=max_read_pixels,
         ):
             t1 = time.perf_counter()

@@ -160,7 +160,8 @@ def split_slides(
                 f"`{arg}={frac!r}` gives no {name} {level}: the data has {n_units} {level}(s)"
                 + (f", per `{stratify}`: {sizes}" if stratify is not None else "")
                 + f". Every stratum keeps at least one training {level}, and a stratum of 2 holds out one {level} "
-                f"(alternating between test and val). Use more {level}s, `stratify=None`, an integer `{arg}=1`, or `{arg}=0`."
+                f"(alternating between test and val). Use more {level}s, `stratify=None`, an integer `{arg}=1`, "
+                f"or `{arg}=0`."
             )
 
     labels = pd.Categorical([assigned[u] for u in units], categories=list(SPLITS))
