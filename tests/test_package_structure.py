@@ -31,6 +31,7 @@ def test_signature_conventions(name, func):
         assert p.kind is p.KEYWORD_ONLY and p.default is False
     assert func.__doc__ and len(func.__doc__.strip()) > 40, f"{name} needs a docstring"
     documented = func.__doc__
+    assert "{doc_" not in documented, f"{name}: unfilled shared-doc placeholder"
     for pname in sig.parameters:
         if pname in ("self", "kwargs", "args"):
             continue
@@ -62,3 +63,16 @@ def test_lazy_submodules():
     assert set(hf.__all__) >= {"pp", "tl", "pl", "io", "datasets", "get", "models"}
     with pytest.raises(AttributeError):
         hf.does_not_exist  # noqa: B018
+
+
+def test_doc_params_rejects_unknown_placeholders():
+    from histoflow._docs import doc_params
+
+    def f():
+        """Text.
+
+        {doc_nope}
+        """
+
+    with pytest.raises(KeyError, match="doc_nope"):
+        doc_params()(f)

@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from histoflow._constants import Key
+from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import copy_data, get_table, is_spatialdata, log_write
 from histoflow._validate import check_choice, check_counts, check_obs_key, get_matrix
@@ -36,6 +37,7 @@ _SPANS: tuple[float, ...] = (0.3, 0.5, 1.0)
 _ALL = "all"
 
 
+@doc_params()
 def select_genes(
     sdata: SpatialData | AnnData,
     flavor: Flavor | Sequence[Flavor] = "hvg",
@@ -81,12 +83,10 @@ def select_genes(
 
     Parameters
     ----------
-    sdata
-        A SpatialData object or an AnnData table.
+    {doc_sdata_only}
     flavor
         ``"hvg"``, ``"hmhvg"``, ``"hallmark"``, or a sequence of them (the panel is their union).
-    table_key
-        Name of the table in ``sdata.tables``; ignored for AnnData input.
+    {doc_table_key}
     n_top
         Number of genes per group (``"hvg"``) or of each ranking (``"hmhvg"``).
     groupby
@@ -111,8 +111,7 @@ def select_genes(
     subset
         Keep only the panel genes in the table. Allowed for AnnData input, or with ``copy=True`` (the
         returned SpatialData holds a subset table; the input is untouched).
-    copy
-        Return a modified copy instead of writing into ``sdata``.
+    {doc_copy}
 
     Returns
     -------

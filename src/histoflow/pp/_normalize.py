@@ -8,6 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from histoflow._constants import Key
+from histoflow._docs import doc_params
 from histoflow._utils import copy_data, get_table, log_write
 from histoflow._validate import check_counts, get_matrix
 
@@ -27,6 +28,7 @@ def log1p_counts(X: np.ndarray | sp.spmatrix | sp.sparray) -> np.ndarray | sp.sp
     return np.log1p(np.asarray(X, dtype=np.float32))
 
 
+@doc_params()
 def normalize(
     sdata: SpatialData | AnnData,
     *,
@@ -44,10 +46,7 @@ def normalize(
 
     Parameters
     ----------
-    sdata
-        A SpatialData object or an AnnData table.
-    table_key
-        Name of the table in ``sdata.tables``; ignored for AnnData input.
+    {doc_sdata}
     layer
         Layer holding the raw counts; ``None`` reads ``X``. The counts are checked: negative, NaN/inf or
         non-integer values raise an error; values that look already log-transformed give a warning.
@@ -56,8 +55,7 @@ def normalize(
     counts_layer
         When the counts are read from ``X`` and this layer does not exist yet, a copy of the counts is
         stored there, so they are kept even if ``X`` is later replaced. ``None`` stores nothing.
-    copy
-        Return a modified copy instead of writing into ``sdata``.
+    {doc_copy}
 
     Returns
     -------

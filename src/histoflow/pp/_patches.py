@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histoflow._constants import Key
+from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import copy_data, get_table, log_write
 from histoflow._validate import check_positive
@@ -118,6 +119,7 @@ def _validate_patch_args(patch_size_um: float, patch_px: int, batch_size: int | 
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
 
 
+@doc_params()
 def crop_patches(
     sdata: SpatialData | AnnData,
     *,
@@ -143,21 +145,9 @@ def crop_patches(
     ----------
     sdata
         SpatialData with H&E images and the table, or an AnnData with ``uns["spatial"]`` images (scanpy layout).
-    table_key
-        Name of the table in ``sdata.tables``.
-    library_key
-        ``obs`` column naming the slide of each spot.
-    image_key
-        Image element to use (or a mapping library → image element); by default the finest image sharing a
-        coordinate system with each slide's spots.
-    spatial_key
-        ``obsm`` key of the spot centres in full-resolution pixels (AnnData input only).
-    pixel_size_key
-        ``obs`` column with micrometres per full-resolution pixel.
-    patch_size_um
-        Side of the patch in micrometres.
-    patch_px
-        Side of the returned patch in pixels.
+    {doc_table_key}
+    {doc_library_key}
+    {doc_patch_params}
     obs_names
         Only these spots (default all), in this order.
     pad_value
@@ -236,6 +226,7 @@ class _Preprocess:
         return (x - self.mean) / self.std
 
 
+@doc_params()
 def embed_patches(
     sdata: SpatialData | AnnData,
     encoder: str | Any = "efficientnet_lite0",
@@ -268,27 +259,16 @@ def embed_patches(
     Parameters
     ----------
     sdata
-        SpatialData with H&E images and the table, or an AnnData with ``uns["spatial"]`` images.
+        SpatialData with H&E images and the table, or an AnnData with ``uns["spatial"]`` images (scanpy layout).
     encoder
         A named encoder (``"efficientnet_lite0"``, the offline default; ``"uni"``, ``"uni2-h"``, ``"virchow2"``,
         ``"h-optimus-0"``, ``"gigapath"``), any timm model name, a :class:`torch.nn.Module`, or an
         :class:`~histoflow.pp.Encoder`; see :func:`~histoflow.pp.get_encoder`.
     checkpoint
         Local weights file for a named or timm encoder (for machines without access to the model hub).
-    table_key
-        Name of the table in ``sdata.tables``.
-    library_key
-        ``obs`` column naming the slide of each spot.
-    image_key
-        Image element to use (or a mapping library → image element); default: the finest image of each slide.
-    spatial_key
-        ``obsm`` key of the spot centres in full-resolution pixels (AnnData input only).
-    pixel_size_key
-        ``obs`` column with micrometres per full-resolution pixel.
-    patch_size_um
-        Side of the patch in micrometres.
-    patch_px
-        Side of the patch in pixels after resizing (the encoder's input size if it differs is reached by resizing).
+    {doc_table_key}
+    {doc_library_key}
+    {doc_patch_params}
     batch_size
         Patches per forward pass.
     device
@@ -309,8 +289,7 @@ def embed_patches(
         Show a tqdm progress bar.
     key_added
         ``obsm`` key for the features; default ``"X_<encoder name>"``.
-    copy
-        Return a modified copy instead of writing into ``sdata``.
+    {doc_copy}
 
     Returns
     -------

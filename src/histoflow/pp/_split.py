@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from histoflow._constants import Key
+from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import as_rng, copy_data, get_table, log_write
 from histoflow._validate import check_choice, check_obs_key
@@ -28,6 +29,7 @@ SPLITS: tuple[str, str, str] = ("train", "val", "test")
 _ALL = "all"
 
 
+@doc_params()
 def split_slides(
     sdata: SpatialData | AnnData,
     *,
@@ -58,10 +60,7 @@ def split_slides(
 
     Parameters
     ----------
-    sdata
-        A SpatialData object or an AnnData table.
-    table_key
-        Name of the table in ``sdata.tables``; ignored for AnnData input.
+    {doc_sdata}
     level
         ``"slide"`` splits slides; ``"patient"`` keeps all slides of a patient in the same split.
     library_key
@@ -79,8 +78,7 @@ def split_slides(
         Random seed or :class:`numpy.random.Generator`.
     key_added
         ``obs`` column and ``uns`` entry written.
-    copy
-        Return a modified copy instead of writing into ``sdata``.
+    {doc_copy}
 
     Returns
     -------
@@ -184,6 +182,7 @@ def split_slides(
     return _write(sdata, table_key, key_added, labels, info, copy)
 
 
+@doc_params()
 def split_from_csv(
     sdata: SpatialData | AnnData,
     splits_dir: str | os.PathLike[str],
@@ -206,20 +205,17 @@ def split_from_csv(
 
     Parameters
     ----------
-    sdata
-        A SpatialData object or an AnnData table.
+    {doc_sdata_only}
     splits_dir
         Folder with the split CSVs (e.g. ``bench_data/<task>/splits`` of HEST-benchmark).
-    table_key
-        Name of the table in ``sdata.tables``; ignored for AnnData input.
+    {doc_table_key}
     fold
         Fold number in the file names.
     library_key
         ``obs`` column with the slide (sample) id.
     key_added
         ``obs`` column and ``uns`` entry written.
-    copy
-        Return a modified copy instead of writing into ``sdata``.
+    {doc_copy}
 
     Returns
     -------
