@@ -172,12 +172,13 @@ def her2st(
     cache_dir: str | Path | None = None,
     load_images: bool = True,
 ) -> SpatialData:
-    """HER2-positive breast cancer, legacy Spatial Transcriptomics (Andersson et al., Nat. Commun. 2021; CC BY 4.0).
+    """HER2-positive breast cancer, legacy Spatial Transcriptomics (HER2ST; CC BY 4.0).
 
-    36 sections of 8 patients (A-H), 100 µm spots on a 200 µm grid, raw UMI counts, full-resolution H&E.
-    Read from ``path`` when given, else from ``$HISTOFLOW_DATA`` when that folder holds ``her2st/`` (or the
-    HER2ST files), else downloaded from the GitHub repository ``almaan/her2st`` (``data/``; base URL overridable
-    with ``$HISTOFLOW_HER2ST_URL``) into a cache with :mod:`pooch`, every file checked against its SHA256.
+    The data of :cite:t:`andersson2021her2st`: 36 sections of 8 patients (A-H), 100 µm spots on a 200 µm grid,
+    raw UMI counts, full-resolution H&E. Read from ``path`` when given, else from ``$HISTOFLOW_DATA`` when that
+    folder holds ``her2st/`` (or the HER2ST files), else downloaded from the GitHub repository ``almaan/her2st``
+    (``data/``; base URL overridable with ``$HISTOFLOW_HER2ST_URL``) into a cache with :mod:`pooch`, every file
+    checked against its SHA256.
 
     Downloads cover the sections of patients A and C-H (30 sections, about 36 MB of counts) and the images of
     C2-C6 (about 4 MB each); the other sections come without image. Patient B is not downloaded (no verified

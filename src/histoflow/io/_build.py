@@ -56,7 +56,7 @@ def as_uint8_rgb(img: Any, what: str) -> np.ndarray:
 
 @dataclass
 class SlideParts:
-    """What one slide contributes to the SpatialData built by :func:`build_spatialdata`.
+    """What one slide contributes to the SpatialData built by :func:`~histoflow.io.build_spatialdata`.
 
     Attributes
     ----------

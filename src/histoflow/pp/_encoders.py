@@ -154,8 +154,10 @@ class Encoder:
         Short name, used for the ``obsm`` key ``X_<name>``.
     model
         The torch module (in eval mode).
-    mean, std
-        Per-channel normalisation applied to RGB values scaled to ``[0, 1]``.
+    mean
+        Per-channel mean subtracted from RGB values scaled to ``[0, 1]``.
+    std
+        Per-channel standard deviation the centred values are divided by.
     input_size
         Side in pixels the model expects; patches of another size are resized.
     out_dim
