@@ -9,7 +9,7 @@ import pytest
 
 import histoflow as hf
 
-NAMESPACES = ["io", "datasets", "pp"]
+NAMESPACES = ["io", "datasets", "pp", "tl"]
 
 
 def _public_functions():
@@ -32,8 +32,8 @@ def test_signature_conventions(name, func):
     assert func.__doc__ and len(func.__doc__.strip()) > 40, f"{name} needs a docstring"
     documented = func.__doc__
     assert "{doc_" not in documented, f"{name}: unfilled shared-doc placeholder"
-    for pname in sig.parameters:
-        if pname in ("self", "kwargs", "args"):
+    for pname, p in sig.parameters.items():
+        if pname == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             continue
         assert re.search(rf"^\s*(\w+, )*{pname}\b", documented, flags=re.M), (
             f"{name}: parameter {pname!r} is not documented"

@@ -1,5 +1,23 @@
-"""tl namespace (filled by later work)."""
+"""Tools: fit models, predict, choose the guidance scale, evaluate. Torch loads on first model use."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+# metrics and evaluation (issue 4)
+from histoflow.tl import metrics
+
+# baselines
+from histoflow.tl._baseline import fit_baseline
+from histoflow.tl._evaluate import evaluate
+
+# MoLF
+from histoflow.tl._molf import fit_molf, predict, select_guidance, trajectories
+
+__all__ = [
+    "evaluate",
+    "metrics",
+    "fit_baseline",
+    "fit_molf",
+    "predict",
+    "select_guidance",
+    "trajectories",
+]

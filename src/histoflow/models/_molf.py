@@ -1,0 +1,759 @@
+"""MoLF: latent flow matching with a mixture-of-experts velocity field (model class, Lightning modules, data)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from histoflow._constants import Key
+from histoflow._logging import logger
+from histoflow.models._data import (
+    Registry,
+    check_compatible,
+    features,
+    metadata_codes,
+    panel_genes,
+    split_rows,
+    targets,
+)
+from histoflow.models._flow import LatentFlow
+from histoflow.models._train import SeededSampler, atomic_dir, fit_module, seed_everything
+from histoflow.models._vae import GeneVAE
+from histoflow.models._velocity import ConditionEncoder, VelocityField
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["MoLF", "MoLFConfig"]
+
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class MoLFConfig:
+    """Every architectural and objective setting of a :class:`MoLF` model (saved with it)."""
+
+    latent: Literal["vae"] = "vae"
+    latent_dim: int = 128
+    vae_d_model: int = 128
+    vae_heads: int = 4
+    vae_layers: int = 1
+    vae_ff_dim: int = 512
+    vae_max_tokens: int = 32
+    beta: float = 1e-3
+    cond_dim: int = 256
+    spatial_context: Literal["window"] | None = "window"
+    context_radius_um: float = 250.0
+    max_context: int = 8
+    tokens_per_value: int = 4
+    velocity: Literal["moe", "dense"] = "moe"
+    n_experts: int = 6
+    top_k: int = 2
+    expert: Literal["mlp", "transformer"] = "mlp"
+    expert_width: int = 256
+    expert_heads: int = 4
+    gate_noise: float = 1e-2
+    p_uncond: float = 0.1
+    p_meta_drop: float = 0.1
+    lambda_flow: float = 1.0
+    lambda_gene: float = 1.0
+    lambda_aux: float = 1.0
+    guidance: float = 1.0
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def _neighbours(coords_um: np.ndarray, libs: np.ndarray, radius_um: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``k`` nearest spots of the same slide within ``radius_um`` for every spot.
+
+    Returns indices ``(n, k)`` (−1 = none) and offsets ``(n, k, 2)`` in µm.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(coords_um)
+    idx = np.full((n, k), -1, dtype=np.int64)
+    off = np.zeros((n, k, 2), dtype=np.float32)
+    if k == 0:
+        return idx, off
+    for lib in np.unique(libs):
+        rows = np.flatnonzero(libs == lib)
+        m = min(k + 1, len(rows))
+        if m < 2:
+            continue
+        dist, ind = NearestNeighbors(n_neighbors=m).fit(coords_um[rows]).kneighbors(coords_um[rows])
+        dist, ind = dist[:, 1:], ind[:, 1:]  # drop the spot itself
+        ok = dist <= radius_um
+        glob = np.where(ok, rows[ind], -1)
+        idx[rows, : m - 1] = glob
+        d = coords_um[rows[ind]] - coords_um[rows][:, None, :]
+        off[rows, : m - 1] = np.where(ok[..., None], d, 0.0)
+    return idx, off
+
+
+class _Gather:
+    """Collate function: batch of spot indices → dict of tensors (spot + neighbour features gathered at once)."""
+
+    def __init__(self, arrays: dict[str, torch.Tensor], nbr: torch.Tensor | None, off: torch.Tensor | None):
+        self.arrays, self.nbr, self.off = arrays, nbr, off
+
+    def __call__(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        i = torch.as_tensor([int(it[0]) if isinstance(it, (tuple, list)) else int(it) for it in items])
+        out = {k: v[i] for k, v in self.arrays.items() if k != "feats"}
+        feats = self.arrays.get("feats")
+        if feats is None:
+            return out
+        if self.nbr is None:
+            out["feats"] = feats[i]
+            return out
+        nb = self.nbr[i]  # (B, K)
+        valid = torch.cat([torch.ones_like(nb[:, :1], dtype=torch.bool), nb >= 0], dim=1)
+        ids = torch.cat([i[:, None], nb.clamp_min(0)], dim=1)
+        out["feats"] = feats[ids]
+        out["offsets"] = torch.cat([torch.zeros_like(self.off[i][:, :1]), self.off[i]], dim=1)
+        out["valid"] = valid
+        return out
+
+
+def _loader(n: int, collate: Any, batch_size: int, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
+    ds = torch.utils.data.TensorDataset(torch.arange(n))
+    sampler = SeededSampler(ds, seed) if shuffle else None  # picklable for ddp_spawn, unlike a held Generator
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lightning modules
+
+
+class _VAEModule(L.LightningModule):
+    def __init__(self, vae: GeneVAE, beta: float, lr: float, weight_decay: float):
+        super().__init__()
+        self.vae, self.beta, self.lr, self.wd = vae, beta, lr, weight_decay
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self.vae.loss(batch["x"], batch["mask"], self.beta)
+        b = batch["x"].shape[0]
+        for k in ("loss", "rec", "kl"):
+            self.log(f"train_{k}", out[k], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+        return out["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        out = self.vae.loss(batch["x"], batch["mask"], self.beta, sample=False)
+        b = batch["x"].shape[0]
+        for k in ("loss", "rec", "kl"):
+            self.log(f"val_{k}", out[k], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.vae.parameters(), lr=self.lr, weight_decay=self.wd)
+
+
+class _FlowModule(L.LightningModule):
+    def __init__(self, flow: LatentFlow, decoder: nn.Module, cfg: MoLFConfig, lr: float, gate_lr: float, wd: float):
+        super().__init__()
+        self.flow, self.decoder = flow, decoder
+        self.decoder.requires_grad_(False)
+        self.cfg, self.lr, self.gate_lr, self.wd = cfg, lr, gate_lr, wd
+
+    def _loss(self, batch: dict[str, torch.Tensor], train: bool) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        return self.flow.loss(
+            batch,
+            self.decoder,
+            p_uncond=c.p_uncond if train else 0.0,
+            p_meta_drop=c.p_meta_drop if train else 0.0,
+            lambda_flow=c.lambda_flow,
+            lambda_gene=c.lambda_gene,
+            lambda_aux=c.lambda_aux,
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self._loss(batch, True)
+        b = batch["z1"].shape[0]
+        for k in ("loss", "flow", "gene", "aux"):
+            self.log(f"train_{k}", out[k], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+        for e, v in enumerate(out["load"]):
+            self.log(f"train_load_{e}", v, on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+        return out["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        out = self._loss(batch, False)
+        b = batch["z1"].shape[0]
+        # early stopping watches flow + gene consistency (the load-balancing term is a regulariser)
+        self.log("val_loss", out["flow"] + out["gene"], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+        for k in ("flow", "gene"):
+            self.log(f"val_{k}", out[k], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        gate, rest = [], []
+        for name, p in self.flow.named_parameters():
+            (gate if ".gate." in name else rest).append(p)
+        groups = [{"params": rest, "lr": self.lr}]
+        if gate:
+            groups.append({"params": gate, "lr": self.gate_lr})
+        return torch.optim.AdamW(groups, weight_decay=self.wd)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the model class
+
+
+class MoLF:
+    """Mixture-of-Latent-Flow model (MoLF) for spatial gene expression from H&E.
+
+    Stage I compresses the log1p expression of the gene panel into a latent space with a Transformer VAE (frozen
+    afterwards). Stage II learns a conditional flow from N(0, I) to that latent, with a top-k mixture-of-experts
+    velocity field conditioned on the spot's patch features, optionally its spatial neighbourhood (a window of
+    neighbouring spots with a 2-D sinusoidal encoding of their physical offsets), and metadata such as the cancer
+    type (cross-attention over learned metadata tokens). See :func:`histoflow.tl.fit_molf` for the usual entry point.
+
+    Parameters
+    ----------
+    adata
+        The AnnData table (``sdata.tables["table"]``) with patch features, log1p targets, slides and metadata.
+    embedding_key
+        ``obsm`` key of the patch features (from :func:`histoflow.pp.embed_patches`).
+    layer
+        Layer with log1p expression (from :func:`histoflow.pp.normalize`).
+    genes
+        Panel genes; default ``var["histoflow_panel"]`` (from :func:`histoflow.pp.select_genes`), else all genes.
+    metadata_keys
+        ``obs`` columns injected as metadata tokens; default ``[cancer_type_key]`` when that column exists.
+    cancer_type_key
+        ``obs`` column with the cancer type.
+    library_key
+        ``obs`` column naming slides.
+    spatial_key
+        ``obsm`` key of spot centres in full-resolution pixels.
+    pixel_size_key
+        ``obs`` column with micrometres per full-resolution pixel.
+    split_key
+        ``obs`` column with ``train``/``val``/``test`` (from :func:`histoflow.pp.split_slides`).
+    **config
+        Any :class:`MoLFConfig` field (``spatial_context``, ``velocity``, ``n_experts``, ``top_k``, ...).
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        embedding_key: str = "X_efficientnet_lite0",
+        layer: str | None = Key.log1p,
+        genes: Sequence[str] | None = None,
+        metadata_keys: Sequence[str] | None = None,
+        cancer_type_key: str = Key.cancer_type,
+        library_key: str = Key.library,
+        spatial_key: str = Key.spatial,
+        pixel_size_key: str = Key.pixel_size,
+        split_key: str = Key.split,
+        **config: Any,
+    ):
+        unknown = set(config) - set(MoLFConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"Unknown MoLF settings {sorted(unknown)}; see `histoflow.models.MoLFConfig`.")
+        self.config = MoLFConfig(**config)
+        if self.config.latent != "vae":
+            raise ValueError(f"`latent={self.config.latent!r}` is not supported; use `latent='vae'`.")
+        if metadata_keys is None:
+            metadata_keys = [cancer_type_key] if cancer_type_key in adata.obs else []
+        self.keys = {
+            "library_key": library_key,
+            "spatial_key": spatial_key,
+            "pixel_size_key": pixel_size_key,
+            "split_key": split_key,
+            "metadata_keys": list(metadata_keys),
+        }
+        rows = np.arange(adata.n_obs)
+        gene_list = panel_genes(adata, genes)
+        feats = features(adata, embedding_key, rows[:1])
+        _, cats = metadata_codes(adata, self.keys["metadata_keys"], rows)
+        enc = adata.uns.get(embedding_key, {})
+        self.registry = Registry(
+            genes=gene_list,
+            embedding_key=embedding_key,
+            embedding_dim=int(feats.shape[1]),
+            layer=layer,
+            categories=cats,
+            library_key=library_key,
+            encoder={k: v for k, v in dict(enc).items() if isinstance(v, (str, int, float))}
+            if isinstance(enc, dict)
+            else {},
+        )
+        self.adata = adata
+        with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; the global RNG is left alone
+            torch.manual_seed(self.config.seed)
+            self._build()
+        self.history: dict[str, pd.DataFrame] = {}
+        self.is_trained = False
+
+    # ---------------------------------------------------------------- modules
+    def _build(self) -> None:
+        c, r = self.config, self.registry
+        self.vae = GeneVAE(
+            len(r.genes),
+            latent_dim=c.latent_dim,
+            d_model=c.vae_d_model,
+            n_heads=c.vae_heads,
+            n_layers=c.vae_layers,
+            ff_dim=c.vae_ff_dim,
+            max_tokens=c.vae_max_tokens,
+        )
+        cond = ConditionEncoder(
+            r.embedding_dim,
+            c.cond_dim,
+            spatial_context=c.spatial_context,
+            metadata_sizes=[len(r.categories[k]) for k in self.keys["metadata_keys"]],
+            tokens_per_value=c.tokens_per_value,
+        )
+        vel = VelocityField(
+            c.latent_dim,
+            c.cond_dim,
+            velocity=c.velocity,
+            n_experts=c.n_experts,
+            top_k=c.top_k,
+            expert=c.expert,
+            expert_width=c.expert_width,
+            expert_heads=c.expert_heads,
+            gate_noise=c.gate_noise,
+        )
+        self.flow = LatentFlow(cond, vel)
+
+    @property
+    def n_experts(self) -> int:
+        """Number of experts (1 for the dense ablation)."""
+        return self.flow.velocity.block.n_experts
+
+    # ---------------------------------------------------------------- arrays from the table
+    def _coords_um(self, adata: AnnData, rows: np.ndarray) -> np.ndarray:
+        from histoflow.io._resolve import resolve_slides
+
+        slides = resolve_slides(
+            adata,
+            adata,
+            library_key=self.keys["library_key"],
+            spatial_key=self.keys["spatial_key"],
+            pixel_size_key=self.keys["pixel_size_key"],
+            need_image=False,
+        )
+        out = np.zeros((adata.n_obs, 2), dtype=np.float64)
+        for s in slides:
+            out[s.rows] = s.centers * s.pixel_size_um
+        return out[rows]
+
+    def _arrays(
+        self, adata: AnnData, rows: np.ndarray, *, with_targets: bool, allow_unknown: bool = False
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        r = self.registry
+        arrays: dict[str, torch.Tensor] = {
+            "feats": torch.from_numpy(features(adata, r.embedding_key, rows, r.embedding_dim)),
+        }
+        if self.keys["metadata_keys"]:
+            codes, _ = metadata_codes(
+                adata, self.keys["metadata_keys"], rows, r.categories, allow_unknown=allow_unknown
+            )
+            arrays["meta"] = torch.from_numpy(codes)
+        if with_targets:
+            Y, M = targets(adata, r.genes, r.layer, rows, self.keys["library_key"])
+            arrays["x"], arrays["mask"] = torch.from_numpy(Y), torch.from_numpy(M)
+        nbr = off = None
+        if self.config.spatial_context == "window":
+            libs = (
+                adata.obs[self.keys["library_key"]].astype(str).to_numpy()[rows]
+                if self.keys["library_key"] in adata.obs
+                else np.zeros(len(rows), dtype=str)
+            )
+            idx, o = _neighbours(
+                self._coords_um(adata, rows), libs, self.config.context_radius_um, self.config.max_context
+            )
+            nbr, off = torch.from_numpy(idx), torch.from_numpy(o)
+        return arrays, nbr, off
+
+    # ---------------------------------------------------------------- training
+    def train(
+        self,
+        max_epochs: int = 300,
+        *,
+        vae_epochs: int | None = None,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        gate_lr: float | None = None,
+        vae_lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        accelerator: str = "auto",
+        devices: int | str | Sequence[int] = "auto",
+        strategy: str | None = None,
+        num_nodes: int = 1,
+        early_stopping: bool = True,
+        patience: int = 20,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        show_progress_bar: bool = True,
+        seed: int | None = None,
+    ) -> MoLF:
+        """Fit Stage I (VAE) then Stage II (flow) on the ``train`` slides, validating on the ``val`` slides.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs of Stage II (and of Stage I unless ``vae_epochs`` is given).
+        vae_epochs
+            Epochs of Stage I.
+        batch_size
+            Spots per batch.
+        lr
+            Learning rate of Stage II (AdamW).
+        gate_lr
+            Learning rate of the gating network (default ``lr / 5``, MoLF's ratio).
+        vae_lr
+            Learning rate of Stage I.
+        weight_decay
+            AdamW weight decay.
+        accelerator, devices, strategy, num_nodes
+            Passed to :class:`lightning.pytorch.Trainer` (``strategy`` defaults to ``ddp_notebook`` in Jupyter and
+            ``ddp_spawn`` elsewhere when several devices are used).
+        early_stopping
+            Stop each stage when the validation loss has not improved for ``patience`` epochs.
+        patience
+            Epochs without improvement before stopping.
+        checkpoint_dir
+            Folder for Lightning checkpoints (best and last of each stage).
+        resume
+            Resume each stage from ``checkpoint_dir``'s last checkpoint.
+        show_progress_bar
+            Lightning's progress bar.
+        seed
+            Seed (default: the model's ``seed``); the same seed gives the same numbers on CPU.
+
+        Returns
+        -------
+        The model itself.
+        """
+        cfg = self.config
+        seed = cfg.seed if seed is None else int(seed)
+        seed_everything(seed)
+        adata = self.adata
+        split = split_rows(adata, split_key=self.keys["split_key"], library_key=self.keys["library_key"], seed=seed)
+        tr, va = split["train"], split["val"]
+        if va.size == 0:
+            logger.warning("No validation slides: training without early stopping.")
+        all_rows = np.concatenate([tr, va])
+        arrays, nbr, off = self._arrays(adata, all_rows, with_targets=True)
+        n_tr = len(tr)
+        common = {
+            "accelerator": accelerator,
+            "devices": devices,
+            "strategy": strategy,
+            "num_nodes": num_nodes,
+            "early_stopping": early_stopping and va.size > 0,
+            "patience": patience,
+            "enable_progress_bar": show_progress_bar,
+        }
+
+        def stage_dir(name: str) -> Path | None:
+            return None if checkpoint_dir is None else Path(checkpoint_dir) / name
+
+        # Stage I -------------------------------------------------------------
+        vae_mod = _VAEModule(self.vae, cfg.beta, vae_lr, weight_decay)
+        x_all = {"x": arrays["x"], "mask": arrays["mask"]}
+        vae_train = _loader(n_tr, _Subset(x_all, 0), batch_size, True, seed)
+        vae_val = _loader(len(va), _Subset(x_all, n_tr), batch_size, False, seed) if va.size else None
+        self.history["vae"] = self._fit(
+            vae_mod, vae_train, vae_val, vae_epochs or max_epochs, stage_dir("vae"), resume, common
+        )
+        self.vae = vae_mod.vae.cpu().eval()
+        self.vae.requires_grad_(False)
+
+        # latent targets from the frozen encoder (posterior means)
+        with torch.no_grad():
+            z1 = torch.cat(
+                [
+                    self.vae.encode(arrays["x"][s : s + 4096], arrays["mask"][s : s + 4096])[0]
+                    for s in range(0, len(all_rows), 4096)
+                ]
+            )
+        arrays["z1"] = z1
+
+        # Stage II ------------------------------------------------------------
+        seed_everything(seed + 1)
+        flow_mod = _FlowModule(self.flow, self.vae.decoder, cfg, lr, gate_lr or lr / 5, weight_decay)
+        flow_train = _loader(n_tr, _Subset(arrays, 0, nbr, off), batch_size, True, seed)
+        flow_val = _loader(len(va), _Subset(arrays, n_tr, nbr, off), batch_size, False, seed) if va.size else None
+        self.history["flow"] = self._fit(flow_mod, flow_train, flow_val, max_epochs, stage_dir("flow"), resume, common)
+        self.flow = flow_mod.flow.cpu().eval()
+        self.is_trained = True
+        self._train_libraries = {
+            k: sorted(pd.unique(adata.obs[self.keys["library_key"]].astype(str).to_numpy()[v]).tolist())
+            if self.keys["library_key"] in adata.obs
+            else []
+            for k, v in split.items()
+        }
+        return self
+
+    def _fit(
+        self,
+        module: L.LightningModule,
+        train: Any,
+        val: Any,
+        max_epochs: int,
+        ckpt: Path | None,
+        resume: bool,
+        common: dict[str, Any],
+    ) -> pd.DataFrame:
+        ckpt_path = None
+        if resume and ckpt is not None:
+            last = sorted(ckpt.rglob("last*.ckpt"))
+            ckpt_path = str(last[-1]) if last else None
+            if ckpt_path is None:
+                logger.warning("`resume=True` but no last checkpoint in %s; starting fresh.", ckpt)
+        return fit_module(
+            module,
+            train,
+            val,
+            ckpt_path=ckpt_path,
+            max_epochs=max_epochs,
+            checkpoint=ckpt is not None,
+            default_root_dir=str(ckpt) if ckpt is not None else None,
+            restore_best=val is not None,
+            **common,
+        )
+
+    # ---------------------------------------------------------------- prediction
+    @torch.no_grad()
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        *,
+        rows: np.ndarray | None = None,
+        steps: int = 1,
+        guidance: float | None = None,
+        n_samples: int = 1,
+        seed: int = 0,
+        batch_size: int = 4096,
+        allow_unknown: bool = False,
+        record_trajectories: bool = False,
+        device: str = "cpu",
+    ) -> dict[str, np.ndarray]:
+        """Sample expression for spots of ``adata`` (default: the training table).
+
+        Parameters
+        ----------
+        adata
+            A table with the same kind of patch features (expression is not needed).
+        rows
+            Row positions to predict (default all).
+        steps
+            Euler steps; 1 = exactly one velocity evaluation from t = 0 to 1 (two forward passes with guidance).
+        guidance
+            Classifier-free guidance scale ``w`` (default: the model's, set by :func:`histoflow.tl.select_guidance`).
+        n_samples
+            Draws per spot; their mean is the prediction and their standard deviation the spread.
+        seed
+            Seed of the prior noise; the same seed gives the same numbers.
+        batch_size
+            Spots per forward pass.
+        allow_unknown
+            Predict metadata values unseen in training (e.g. a new cancer type) with the learned null token.
+        record_trajectories
+            Keep the latent path of every spot (``steps + 1`` points, first sample).
+        device
+            Torch device for inference.
+
+        Returns
+        -------
+        Dict with ``mean`` (spots × genes, log1p), ``std`` (when ``n_samples > 1``), ``latent`` (mean final latent),
+        ``z0`` (the first sample's noise), ``routing`` (mean gate weights, spots × experts), ``metadata_attention``,
+        ``trajectory`` (when recorded).
+        """
+        if not self.is_trained:
+            raise RuntimeError("The model is not trained; call `.train()` first or load a trained model.")
+        adata = self.adata if adata is None else adata
+        check_compatible(self.registry, adata)
+        rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
+        w = self.config.guidance if guidance is None else float(guidance)
+        if n_samples < 1:
+            raise ValueError(f"`n_samples` must be at least 1, got {n_samples}.")
+        arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
+        dev = torch.device(device)
+        flow, dec = self.flow.to(dev).eval(), self.vae.decoder.to(dev).eval()
+        n, L_ = len(rows), self.config.latent_dim
+        gather = _Gather(arrays, nbr, off)
+        conds, attns = [], []
+        for s in range(0, n, batch_size):
+            b = gather(list(range(s, min(s + batch_size, n))))
+            b = {k: v.to(dev) for k, v in b.items()}
+            c, a = flow.condition(b["feats"], b.get("offsets"), b.get("valid"), b.get("meta"))
+            conds.append(c)
+            if a is not None:
+                attns.append(a.cpu())
+        cond = torch.cat(conds)
+        gen = torch.Generator().manual_seed(int(seed))
+        total = torch.zeros(n, len(self.registry.genes))
+        total_sq = torch.zeros_like(total)
+        lat = torch.zeros(n, L_)
+        routing = torch.zeros(n, self.n_experts)
+        z0_first = traj = None
+        for k in range(n_samples):
+            z0 = torch.randn(n, L_, generator=gen)
+            if k == 0:
+                z0_first = z0
+            trajs = []
+            for s in range(0, n, batch_size):
+                sl = slice(s, min(s + batch_size, n))
+                out = flow.sample(
+                    cond[sl], z0[sl].to(dev), steps=steps, guidance=w, record=record_trajectories and k == 0
+                )
+                x = dec(out["z1"]).clamp_min(0).cpu()
+                total[sl] += x
+                total_sq[sl] += x**2
+                lat[sl] += out["z1"].cpu()
+                routing[sl] += out["routing"].cpu()
+                if record_trajectories and k == 0:
+                    trajs.append(out["trajectory"].cpu())
+            if trajs:
+                traj = torch.cat(trajs, dim=1)
+        mean = total / n_samples
+        res: dict[str, np.ndarray] = {
+            "mean": mean.numpy(),
+            "latent": (lat / n_samples).numpy(),
+            "z0": z0_first.numpy(),
+            "routing": (routing / n_samples).numpy(),
+        }
+        if n_samples > 1:
+            res["std"] = (total_sq / n_samples - mean**2).clamp_min(0).sqrt().numpy()
+        if attns:
+            res["metadata_attention"] = torch.cat(attns).numpy()
+        if traj is not None:
+            res["trajectory"] = traj.numpy()
+        self.flow.cpu()
+        self.vae.cpu()
+        return res
+
+    def get_latent(self, adata: AnnData | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+        """Stage I posterior means of measured expression (spots × latent)."""
+        adata = self.adata if adata is None else adata
+        rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
+        check_compatible(self.registry, adata, genes_needed=True)
+        Y, M = targets(adata, self.registry.genes, self.registry.layer, rows, self.keys["library_key"])
+        with torch.no_grad():
+            return self.vae.eval().encode(torch.from_numpy(Y), torch.from_numpy(M))[0].numpy()
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """log1p expression from latents."""
+        with torch.no_grad():
+            return self.vae.eval().decode(torch.as_tensor(z, dtype=torch.float32)).numpy()
+
+    # ---------------------------------------------------------------- save / load
+    def save(self, dir_path: str | Path, overwrite: bool = False) -> None:
+        """Save to a folder (``model.pt`` + ``model.json``), atomically: written to a temporary folder, then renamed.
+
+        Parameters
+        ----------
+        dir_path
+            Target folder.
+        overwrite
+            Replace an existing folder.
+        """
+        meta = {
+            "format": _FORMAT_VERSION,
+            "class": type(self).__name__,
+            "config": asdict(self.config),
+            "registry": self.registry.to_dict(),
+            "keys": self.keys,
+            "is_trained": self.is_trained,
+            "train_libraries": getattr(self, "_train_libraries", {}),
+        }
+        with atomic_dir(dir_path, overwrite=overwrite) as tmp:
+            torch.save(
+                {
+                    "meta": meta,
+                    "vae": self.vae.state_dict(),
+                    "flow": self.flow.state_dict(),
+                    "history": dict(self.history),
+                },
+                tmp / "model.pt",
+            )
+            (tmp / "model.json").write_text(json.dumps(meta, indent=1, default=str))
+
+    @classmethod
+    def load(cls, dir_path: str | Path, adata: AnnData | None = None) -> MoLF:
+        """Load a saved model; with ``adata``, check that it has the model's features and metadata categories.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            Table to attach (for prediction or further training); checked for compatibility.
+        """
+        path = Path(dir_path) / "model.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"No saved model at {str(dir_path)!r} (missing model.pt).")
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        meta = blob["meta"]
+        if meta.get("class") != cls.__name__:
+            raise ValueError(f"{str(dir_path)!r} holds a {meta.get('class')}, not a {cls.__name__}.")
+        self = cls.__new__(cls)
+        self.config = MoLFConfig(**meta["config"])
+        self.registry = Registry.from_dict(meta["registry"])
+        self.keys = meta["keys"]
+        self._train_libraries = meta.get("train_libraries", {})
+        self._build()
+        self.vae.load_state_dict(blob["vae"])
+        self.flow.load_state_dict(blob["flow"])
+        self.vae.eval().requires_grad_(False)
+        self.flow.eval()
+        self.history = dict(blob["history"])
+        self.is_trained = bool(meta["is_trained"])
+        self.adata = adata
+        if adata is not None:
+            self._check_table(adata)
+        return self
+
+    def _check_table(self, adata: AnnData) -> None:
+        check_compatible(self.registry, adata)
+        for key, known in self.registry.categories.items():
+            if key not in adata.obs:
+                raise KeyError(f"The table has no `obs[{key!r}]`, which the model uses as metadata.")
+            values = set(adata.obs[key].astype(str).unique())
+            unseen = sorted(values - set(known))
+            if unseen:
+                raise ValueError(
+                    f"`obs[{key!r}]` has categories the model was not trained on: {unseen[:5]} (known: {known}). "
+                    "Predict them with `allow_unknown=True` (null token) or train on them."
+                )
+        if self.registry.layer is not None and all(g in adata.var_names for g in self.registry.genes):
+            return
+        present = [g for g in self.registry.genes if g in adata.var_names]
+        if present and len(present) != len(self.registry.genes):
+            raise ValueError(
+                f"The table has {len(present)} of the model's {len(self.registry.genes)} genes; a table with other "
+                "genes cannot be used with this model (an image-only table with no panel genes can)."
+            )
+
+
+class _Subset:
+    """Collate for a contiguous block of the stacked train+val arrays (train first, then val)."""
+
+    def __init__(
+        self,
+        arrays: dict[str, torch.Tensor],
+        start: int,
+        nbr: torch.Tensor | None = None,
+        off: torch.Tensor | None = None,
+    ):
+        self.gather = _Gather(arrays, nbr, off)
+        self.start = start
+
+    def __call__(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        return self.gather([int(it[0]) + self.start for it in items])

@@ -1,0 +1,429 @@
+"""Functional API of MoLF: fit, predict, select the guidance scale, record trajectories."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from histoflow._constants import Key
+from histoflow._docs import doc_params
+from histoflow._logging import logger
+from histoflow._utils import copy_data, get_table, log_write
+from histoflow.tl._write import write_predictions
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from histoflow.models import MoLF
+
+__all__ = ["fit_molf", "predict", "select_guidance", "trajectories"]
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("histoflow", "torch", "lightning", "anndata", "spatialdata"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - a missing distribution is reported as unknown
+            out[pkg] = "unknown"
+    return out
+
+
+def _history_frames(model: MoLF) -> dict[str, pd.DataFrame]:
+    return {k: v.reset_index(drop=False) for k, v in model.history.items()}
+
+
+def _write(table: AnnData, model: MoLF, key: str, rows: np.ndarray, res: dict[str, np.ndarray], params: dict) -> None:
+    names = [f"expert_{i}" for i in range(res["routing"].shape[1])]
+    uns = {
+        "params": {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))},
+        "config": {k: v for k, v in vars(model.config).items() if isinstance(v, (str, int, float, bool))},
+        "genes": list(model.registry.genes),
+        "history": _history_frames(model),
+        "versions": _versions(),
+        "train_libraries": {k: list(v) for k, v in getattr(model, "_train_libraries", {}).items()},
+    }
+    write_predictions(
+        table,
+        key,
+        rows=rows,
+        genes=model.registry.genes,
+        mean=res["mean"],
+        std=res.get("std"),
+        latent=res["latent"],
+        routing=res["routing"],
+        routing_names=names,
+        uns=uns,
+    )
+
+
+@doc_params()
+def fit_molf(
+    sdata: SpatialData | AnnData,
+    *,
+    table_key: str = Key.table,
+    embedding_key: str = "X_efficientnet_lite0",
+    layer: str | None = Key.log1p,
+    genes: Sequence[str] | None = None,
+    cancer_type_key: str = Key.cancer_type,
+    metadata_keys: Sequence[str] | None = None,
+    library_key: str = Key.library,
+    split_key: str = Key.split,
+    max_epochs: int = 300,
+    batch_size: int = 256,
+    accelerator: str = "auto",
+    devices: int | str | Sequence[int] = "auto",
+    strategy: str | None = None,
+    steps: int = 1,
+    n_samples: int = 1,
+    seed: int = 0,
+    key_added: str = "molf",
+    train_kwargs: dict[str, Any] | None = None,
+    copy: bool = False,
+    **config: Any,
+) -> MoLF | tuple[MoLF, SpatialData | AnnData]:
+    """Fit MoLF and write its predictions for every spot.
+
+    Stage I (Transformer VAE over the log1p expression of the panel) and Stage II (conditional flow matching with a
+    mixture-of-experts velocity field conditioned on patch features, spatial context and cancer type) are trained on
+    the ``train`` slides with early stopping on the ``val`` slides (``obs[split_key]``; made with
+    :func:`histoflow.pp.split_slides` defaults when missing, without writing it). Then every spot with patch features
+    is predicted with one Euler step (``steps``) at the model's guidance scale.
+
+    Parameters
+    ----------
+    {doc_sdata}
+    embedding_key
+        ``obsm`` key of the patch features (:func:`histoflow.pp.embed_patches`).
+    layer
+        Layer with log1p expression (:func:`histoflow.pp.normalize`).
+    genes
+        Panel genes; default ``var["histoflow_panel"]`` (:func:`histoflow.pp.select_genes`), else all genes.
+    cancer_type_key
+        ``obs`` column with the cancer type (a metadata token when present).
+    metadata_keys
+        ``obs`` columns used as metadata tokens (default ``[cancer_type_key]``).
+    {doc_library_key}
+    split_key
+        ``obs`` column with ``train``/``val``/``test``.
+    max_epochs
+        Maximum epochs per stage.
+    batch_size
+        Spots per batch.
+    accelerator, devices, strategy
+        Lightning settings (several GPUs or CPU processes through DDP).
+    steps
+        Euler steps at prediction (1 = one velocity evaluation).
+    n_samples
+        Draws per spot at prediction (their spread goes to ``obsm[f"{key_added}_std"]``).
+    seed
+        Seed for training and sampling; the same seed gives the same numbers on CPU.
+    key_added
+        Key of the predictions.
+    train_kwargs
+        More arguments for :meth:`histoflow.models.MoLF.train` (``lr``, ``patience``, ``checkpoint_dir``, ...).
+    {doc_copy}
+    **config
+        Model settings (:class:`histoflow.models.MoLFConfig`): ``spatial_context``, ``velocity``, ``n_experts``,
+        ``top_k``, ``expert``, ``latent_dim``, ``guidance``, ...
+
+    Returns
+    -------
+    The trained :class:`~histoflow.models.MoLF` (and the modified copy when ``copy=True``). Writes, on the table,
+    ``obsm[key_added]`` (DataFrame spots × panel genes, log1p), ``layers[key_added]`` when the table's genes are
+    exactly the panel, ``obsm[f"{key_added}_std"]`` when ``n_samples > 1``, ``obsm[f"X_{key_added}_latent"]``,
+    ``obsm[f"{key_added}_routing"]`` (gate weights per expert) and ``uns[key_added]`` (parameters, loss history of both
+    stages with every loss term and the expert load, versions).
+    """
+    from histoflow.models import MoLF
+
+    target = copy_data(sdata, table_key) if copy else sdata
+    table = get_table(target, table_key)
+    model = MoLF(
+        table,
+        embedding_key=embedding_key,
+        layer=layer,
+        genes=genes,
+        metadata_keys=metadata_keys,
+        cancer_type_key=cancer_type_key,
+        library_key=library_key,
+        split_key=split_key,
+        seed=seed,
+        **config,
+    )
+    model.train(
+        max_epochs,
+        batch_size=batch_size,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        seed=seed,
+        **(train_kwargs or {}),
+    )
+    rows = np.arange(table.n_obs)
+    res = model.predict(table, rows=rows, steps=steps, n_samples=n_samples, seed=seed)
+    _write(
+        table,
+        model,
+        key_added,
+        rows,
+        res,
+        {
+            "steps": steps,
+            "n_samples": n_samples,
+            "seed": seed,
+            "guidance": model.config.guidance,
+            "embedding_key": embedding_key,
+        },
+    )
+    return (model, target) if copy else model
+
+
+@doc_params()
+def predict(
+    model: MoLF,
+    sdata: SpatialData | AnnData,
+    *,
+    table_key: str = Key.table,
+    steps: int = 1,
+    guidance: float | None = None,
+    n_samples: int = 1,
+    seed: int = 0,
+    allow_unknown: bool = False,
+    embed: bool = True,
+    key_added: str = "molf",
+    copy: bool = False,
+) -> SpatialData | AnnData | None:
+    """Predict expression with a trained model for every spot of ``sdata`` (expression is not needed).
+
+    When ``obsm`` lacks the model's patch features and ``sdata`` has the H&E image, the patches are embedded first
+    with the encoder the model was trained with (:func:`histoflow.pp.embed_patches`, same patch size).
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~histoflow.models.MoLF`.
+    {doc_sdata}
+    steps
+        Euler steps (1 = one velocity evaluation; with guidance that is two forward passes).
+    guidance
+        Guidance scale (default: the model's, see :func:`select_guidance`).
+    n_samples
+        Draws per spot; mean and standard deviation are written.
+    seed
+        Seed of the prior noise.
+    allow_unknown
+        Predict metadata values unseen in training (e.g. a new cancer type) with the learned null token instead of
+        raising an error.
+    embed
+        Embed missing patch features with the model's encoder.
+    key_added
+        Key of the predictions.
+    {doc_copy}
+
+    Returns
+    -------
+    Writes the same keys as :func:`fit_molf` (``uns[key_added]`` holds the prediction parameters); returns the copy
+    when ``copy=True``.
+    """
+    target = copy_data(sdata, table_key) if copy else sdata
+    table = get_table(target, table_key)
+    reg = model.registry
+    if reg.embedding_key not in table.obsm:
+        if not embed or not reg.encoder.get("encoder"):
+            raise KeyError(
+                f"`adata.obsm[{reg.embedding_key!r}]` is missing; run `histoflow.pp.embed_patches` with the model's "
+                f"encoder ({reg.encoder.get('encoder', 'unknown')}) first."
+            )
+        from histoflow.pp import embed_patches
+
+        logger.info("Embedding patches with %r first.", reg.encoder["encoder"])
+        probe = copy_data(target, table_key)
+        embed_patches(
+            probe,
+            reg.encoder["encoder"],
+            table_key=table_key,
+            patch_size_um=float(reg.encoder["patch_size_um"]),
+            patch_px=int(reg.encoder["patch_px"]),
+            key_added=reg.embedding_key,
+        )
+        feats_table = get_table(probe, table_key)
+    else:
+        feats_table = table
+    for key in reg.categories:
+        if key not in feats_table.obs:
+            if not allow_unknown:
+                raise KeyError(
+                    f"The table has no `obs[{key!r}]`, which the model uses as metadata; add it, or pass "
+                    "`allow_unknown=True` to use the learned null token."
+                )
+            feats_table = feats_table.copy() if feats_table is table else feats_table
+            feats_table.obs[key] = "<unknown>"
+    res = model.predict(
+        feats_table, steps=steps, guidance=guidance, n_samples=n_samples, seed=seed, allow_unknown=allow_unknown
+    )
+    _write(
+        table,
+        model,
+        key_added,
+        np.arange(table.n_obs),
+        res,
+        {
+            "steps": steps,
+            "n_samples": n_samples,
+            "seed": seed,
+            "guidance": model.config.guidance if guidance is None else float(guidance),
+        },
+    )
+    if feats_table is not table and reg.embedding_key in feats_table.obsm and reg.embedding_key not in table.obsm:
+        table.obsm[reg.embedding_key] = feats_table.obsm[reg.embedding_key]
+        log_write("obsm", reg.embedding_key)
+    return target if copy else None
+
+
+def _filter_and_rank(sweep: pd.DataFrame, tau: float) -> float:
+    best = sweep["w1"].min()
+    feasible = sweep[sweep["w1"] <= (1 + tau) * best]
+    return float(feasible.sort_values(["cosine", "guidance"]).iloc[0]["guidance"])
+
+
+@doc_params()
+def select_guidance(
+    model: MoLF,
+    sdata: SpatialData | AnnData,
+    *,
+    table_key: str = Key.table,
+    scales: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0),
+    tau: float = 0.05,
+    split: str = "val",
+    split_key: str = Key.split,
+    steps: int = 1,
+    n_samples: int = 1,
+    seed: int = 0,
+    key_added: str = "molf",
+) -> pd.DataFrame:
+    """Choose the classifier-free guidance scale by MoLF's filter-and-rank protocol (appendix C).
+
+    For each scale ``w`` the ``split`` spots are predicted and scored against their log1p expression with
+    ``D_W1`` = mean over spots of the 1-Wasserstein distance between the spot's true and predicted values (the
+    distribution of expression values within the spot) and ``D_cos`` = mean over spots of the cosine distance.
+    Filter: keep the scales with ``D_W1 ≤ (1 + tau) · min_w D_W1``. Rank: choose the smallest ``D_cos`` among them
+    (ties: the smaller ``w``). The chosen scale becomes the model's default (``model.config.guidance``).
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~histoflow.models.MoLF`.
+    {doc_sdata}
+    scales
+        Guidance scales to sweep.
+    tau
+        Tolerance over the best ``D_W1``.
+    split
+        Which ``obs[split_key]`` spots to score (validation slides by default).
+    split_key
+        ``obs`` column with the split.
+    steps, n_samples, seed
+        Sampling settings, as in :func:`predict`.
+    key_added
+        Writes ``uns[f"{key_added}_guidance"]``.
+
+    Returns
+    -------
+    The sweep table (columns ``guidance``, ``w1``, ``cosine``, ``feasible``, ``chosen``); also stored in
+    ``uns[f"{key_added}_guidance"]`` with ``tau`` and the chosen scale.
+    """
+    from histoflow.models._data import targets
+    from histoflow.tl._metrics import cosine_distance_per_spot, wasserstein_per_spot
+
+    table = get_table(sdata, table_key)
+    if tau < 0:
+        raise ValueError(f"`tau` must be non-negative, got {tau}.")
+    if not len(scales):
+        raise ValueError("`scales` is empty; give at least one guidance scale.")
+    if split_key not in table.obs:
+        raise KeyError(f"`split_key={split_key!r}` is not a column of `adata.obs`; run `histoflow.pp.split_slides`.")
+    rows = np.flatnonzero(table.obs[split_key].astype(str).to_numpy() == split)
+    if rows.size == 0:
+        raise ValueError(f"No spot has `obs[{split_key!r}] == {split!r}`; choose another `split=`.")
+    y, mask = targets(table, model.registry.genes, model.registry.layer, rows, model.keys["library_key"])
+    records = []
+    for w in scales:
+        res = model.predict(table, rows=rows, steps=steps, guidance=float(w), n_samples=n_samples, seed=seed)
+        records.append(
+            {
+                "guidance": float(w),
+                "w1": float(np.mean(wasserstein_per_spot(y, res["mean"]))),
+                "cosine": float(np.nanmean(cosine_distance_per_spot(y, res["mean"]))),
+            }
+        )
+    sweep = pd.DataFrame(records)
+    chosen = _filter_and_rank(sweep, tau)
+    sweep["feasible"] = sweep["w1"] <= (1 + tau) * sweep["w1"].min()
+    sweep["chosen"] = sweep["guidance"] == chosen
+    model.config.guidance = chosen
+    table.uns[f"{key_added}_guidance"] = {"sweep": sweep, "tau": float(tau), "chosen": chosen, "split": split}
+    log_write("uns", f"{key_added}_guidance")
+    logger.info("Guidance scale %.2f chosen by filter-and-rank (tau %.2f).", chosen, tau)
+    return sweep
+
+
+@doc_params()
+def trajectories(
+    model: MoLF,
+    sdata: SpatialData | AnnData,
+    *,
+    table_key: str = Key.table,
+    steps: int = 10,
+    guidance: float | None = None,
+    seed: int = 0,
+    n_spots: int | None = 500,
+    key_added: str = "molf",
+) -> dict[str, Any]:
+    """Record flow trajectories from noise (t = 0) to the predicted latent (t = 1), with the true latents.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~histoflow.models.MoLF`.
+    {doc_sdata}
+    steps
+        Euler steps recorded (``steps + 1`` points per spot).
+    guidance
+        Guidance scale (default: the model's).
+    seed
+        Seed of the noise and of the spot subsample.
+    n_spots
+        Spots recorded (a seeded random subset; None = all).
+    key_added
+        Writes ``uns[f"{key_added}_trajectories"]``.
+
+    Returns
+    -------
+    Dict with ``obs_names``, ``times`` (steps + 1), ``trajectory`` (times × spots × latent), ``z0``, ``z1_pred``
+    and, when the table has the panel's expression, ``z1_true`` (Stage I posterior means); also stored in
+    ``uns[f"{key_added}_trajectories"]`` for :func:`histoflow.pl.trajectories`.
+    """
+    table = get_table(sdata, table_key)
+    rng = np.random.default_rng(seed)
+    rows = np.arange(table.n_obs)
+    if n_spots is not None and n_spots < table.n_obs:
+        rows = np.sort(rng.choice(table.n_obs, size=n_spots, replace=False))
+    res = model.predict(table, rows=rows, steps=steps, guidance=guidance, seed=seed, record_trajectories=True)
+    out: dict[str, Any] = {
+        "obs_names": [str(x) for x in table.obs_names[rows]],
+        "times": np.linspace(0.0, 1.0, steps + 1),
+        "trajectory": res["trajectory"],
+        "z0": res["trajectory"][0],
+        "z1_pred": res["trajectory"][-1],
+    }
+    if all(g in table.var_names for g in model.registry.genes):
+        out["z1_true"] = model.get_latent(table, rows)
+    table.uns[f"{key_added}_trajectories"] = out
+    log_write("uns", f"{key_added}_trajectories")
+    return out

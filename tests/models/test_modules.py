@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from histoflow.models._flow import LatentFlow
+from histoflow.models._moe import DenseBlock, MixtureOfExperts, MLPExpert, TokenTransformerExpert
+from histoflow.models._vae import GeneVAE, masked_mse
+from histoflow.models._velocity import ConditionEncoder, VelocityField, sinusoidal_2d, timestep_embedding
+
+
+def test_moe_routes_top_k_and_matches_dense_computation():
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(8, lambda: MLPExpert(8, 16, 3), n_experts=5, top_k=2, gate_noise=0.0).eval()
+    x = torch.randn(40, 8)
+    y, info = moe(x)
+    w = info["weights"]
+    assert ((w > 0).sum(1) == 2).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(40))
+    dense = sum(w[:, e : e + 1] * moe.experts[e](x) for e in range(5))
+    torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-6)
+    # the top-2 are the two largest router logits
+    top = moe.gate(x).topk(2).indices.sort(1).values
+    torch.testing.assert_close(torch.nonzero(w > 0)[:, 1].view(40, 2).sort(1).values, top)
+    assert info["load"].sum().item() == pytest.approx(1.0)
+
+
+def test_load_balancing_loss_is_one_when_uniform_and_larger_when_collapsed():
+    moe = MixtureOfExperts(4, lambda: MLPExpert(4, 8, 2), n_experts=4, top_k=1, gate_noise=0.0)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))  # everything to expert 0
+    _, info = moe(torch.randn(64, 4))
+    assert info["aux"].item() > 2.5  # E * f_0 * P_0 ≈ 4 * 1 * 0.96
+    assert info["load"][0].item() == 1.0
+    with torch.no_grad():
+        moe.gate.bias.zero_()
+        moe.gate.weight.copy_(torch.eye(4))
+    x = torch.eye(4).repeat(16, 1) * 10  # each input strongly prefers a different expert
+    _, info = moe(x)
+    assert info["aux"].item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_dense_block_and_transformer_expert():
+    exp = TokenTransformerExpert([3, 2, 5], width=8, out_dim=4, n_heads=2)
+    assert exp(torch.randn(6, 10)).shape == (6, 4)
+    d = DenseBlock(lambda: MLPExpert(10, 16, 4))
+    y, info = d(torch.randn(6, 10))
+    assert y.shape == (6, 4) and info["weights"].shape == (6, 1) and info["aux"].item() == 0
+
+
+def test_masked_genes_never_count():
+    torch.manual_seed(0)
+    vae = GeneVAE(12, latent_dim=4, d_model=16, n_heads=2, ff_dim=32, decoder_hidden=(16,), dropout=0.0).eval()
+    x = torch.rand(5, 12)
+    mask = torch.ones(5, 12, dtype=torch.bool)
+    mask[:, 8:] = False
+    garbage = x.clone()
+    garbage[:, 8:] = 1e6
+    mu1, _ = vae.encode(x, mask)
+    mu2, _ = vae.encode(garbage, mask)
+    torch.testing.assert_close(mu1, mu2)
+    pred = torch.zeros(5, 12)
+    assert masked_mse(pred, garbage, mask).item() == pytest.approx(masked_mse(pred, x, mask).item())
+
+
+def test_vae_groups_genes_into_tokens_for_large_panels():
+    vae = GeneVAE(300, latent_dim=8, d_model=16, n_heads=2, ff_dim=32, max_tokens=64)
+    assert vae.genes_per_token == 5 and vae.n_tokens == 60
+    out = vae.loss(torch.rand(3, 300), torch.ones(3, 300, dtype=torch.bool), beta=1e-3)
+    assert set(out) == {"loss", "rec", "kl"} and torch.isfinite(out["loss"])
+    vae2 = GeneVAE(301, latent_dim=8, d_model=16, n_heads=2, ff_dim=32, max_tokens=64)
+    assert vae2.pad == vae2.n_tokens * vae2.genes_per_token - 301
+    assert vae2.encode(torch.rand(2, 301))[0].shape == (2, 8)
+
+
+def test_encodings():
+    e = timestep_embedding(torch.tensor([0.0, 0.5]), 7)
+    assert e.shape == (2, 7) and torch.allclose(e[0, :3], torch.ones(3))
+    p = sinusoidal_2d(torch.tensor([[0.0, 0.0], [100.0, -50.0]]), 32)
+    assert p.shape == (2, 32) and not torch.allclose(p[0], p[1])
+
+
+def _flow(spatial=None, meta=(3,), velocity="moe"):
+    cond = ConditionEncoder(6, 16, spatial_context=spatial, n_heads=2, metadata_sizes=meta, tokens_per_value=2)
+    vel = VelocityField(4, 16, time_dim=8, velocity=velocity, n_experts=3, top_k=1, expert_width=8)
+    return LatentFlow(cond, vel)
+
+
+def test_condition_uses_neighbour_offsets_and_metadata():
+    torch.manual_seed(0)
+    flow = _flow(spatial="window").eval()
+    feats = torch.randn(2, 4, 6)
+    offs = torch.randn(2, 4, 2) * 100
+    offs[:, 0] = 0
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    meta = torch.tensor([[0], [1]])
+    c1, attn = flow.condition(feats, offs, valid, meta)
+    assert attn.shape == (2, 4 + 2)  # 4 memory tokens + 2 tokens of the value
+    moved = offs.clone()
+    moved[:, 1:] += 300.0  # neighbours moved: context changes
+    c2, _ = flow.condition(feats, moved, valid, meta)
+    assert not torch.allclose(c1, c2)
+    c3, _ = flow.condition(feats, offs, valid, torch.tensor([[2], [2]]))
+    assert not torch.allclose(c1, c3)
+    # padded neighbours do not matter
+    v2 = valid.clone()
+    v2[:, 3] = False
+    f2 = feats.clone()
+    f2[:, 3] = 1e3
+    torch.testing.assert_close(flow.condition(feats, offs, v2, meta)[0], flow.condition(f2, offs, v2, meta)[0])
+    # null token for unknown metadata, null condition for dropped rows
+    cn, _ = flow.condition(feats, offs, valid, torch.tensor([[-1], [-1]]), drop=torch.tensor([True, False]))
+    torch.testing.assert_close(cn[0], flow.condition.null)
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls, self.rows = inner, 0, []
+
+    def forward(self, z, t, c, gate_input=None):
+        self.calls += 1
+        self.rows.append(z.shape[0])
+        return self.inner(z, t, c, gate_input)
+
+
+def test_one_step_is_one_velocity_evaluation_and_guidance_batches_two_passes():
+    torch.manual_seed(0)
+    flow = _flow().eval()
+    counter = _Counting(flow.velocity)
+    flow.velocity = counter
+    c = torch.randn(5, 16)
+    z0 = torch.randn(5, 4)
+    out = flow.sample(c, z0, steps=1, guidance=1.0)
+    assert counter.calls == 1 and counter.rows == [5]
+    v, _ = counter.inner(z0, torch.zeros(1), c)
+    torch.testing.assert_close(out["z1"], z0 + v)
+    counter.calls, counter.rows = 0, []
+    out = flow.sample(c, z0, steps=1, guidance=3.0)
+    assert counter.calls == 1 and counter.rows == [10]  # conditional and null branch in one forward pass
+    vu, _ = counter.inner(z0, torch.zeros(1), flow.condition.null.expand_as(c))
+    torch.testing.assert_close(out["z1"], z0 + vu + 3.0 * (v - vu), rtol=1e-5, atol=1e-5)
+    counter.calls = 0
+    out = flow.sample(c, z0, steps=4, guidance=1.0, record=True)
+    assert counter.calls == 4 and out["trajectory"].shape == (5, 5, 4)
+    with pytest.raises(ValueError, match="steps"):
+        flow.sample(c, z0, steps=0)
+
+
+def test_flow_loss_terms_and_gradients():
+    torch.manual_seed(0)
+    flow = _flow(velocity="dense")
+    dec = torch.nn.Linear(4, 7)
+    batch = {
+        "feats": torch.randn(8, 6),
+        "meta": torch.zeros(8, 1, dtype=torch.long),
+        "z1": torch.randn(8, 4),
+        "x": torch.rand(8, 7),
+        "mask": torch.ones(8, 7, dtype=torch.bool),
+    }
+    out = flow.loss(batch, dec)
+    assert {"loss", "flow", "gene", "aux", "load"} <= set(out)
+    out["loss"].backward()
+    assert flow.condition.proj[1].weight.grad is not None
+    np.testing.assert_allclose(out["aux"].item(), 0.0)

@@ -1,0 +1,225 @@
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from histoflow.models._train import (
+    HistoryCallback,
+    atomic_dir,
+    count_devices,
+    default_strategy,
+    fit_module,
+    make_trainer,
+    seed_everything,
+    tensor_loaders,
+)
+
+QUIET = {"enable_progress_bar": False}
+
+
+class _Linear(L.LightningModule):
+    """y = W x + b with MSE; logs train_loss / val_loss per epoch."""
+
+    def __init__(self, d: int = 4, g: int = 2, lr: float = 0.05):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, g)
+        self.lr = lr
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y), on_epoch=True, batch_size=len(x))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _data(n=200, d=4, g=2, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    W = rng.normal(size=(d, g)).astype(np.float32)
+    return X, (X @ W + 0.1 * rng.normal(size=(n, g))).astype(np.float32)
+
+
+def _val_loss(module, X, Y):
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(module(torch.from_numpy(X)), torch.from_numpy(Y)))
+
+
+def test_history_has_train_and_val_loss_per_epoch():
+    X, Y = _data()
+    seed_everything(0)
+    module = _Linear()
+    # one validation batch, so the logged val_loss is the loss over the whole validation set
+    train, val = tensor_loaders([X[:150], Y[:150]], [X[150:], Y[150:]], batch_size=64, seed=0)
+    val = torch.utils.data.DataLoader(val.dataset, batch_size=50)
+    hist = fit_module(module, train, val, max_epochs=4, early_stopping=False, accelerator="cpu", **QUIET)
+    assert list(hist.index) == [0, 1, 2, 3]
+    assert hist.index.name == "epoch"
+    assert list(hist.columns) == ["train_loss", "val_loss", "time_s"]
+    assert np.isfinite(hist.to_numpy()).all()
+    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
+    assert np.all(np.diff(hist["time_s"]) > 0)
+    # the last record is the validation loss of the final weights: recorded after that epoch's validation
+    assert hist["val_loss"].iloc[-1] == pytest.approx(_val_loss(module, X[150:], Y[150:]), rel=1e-5)
+
+
+def test_history_records_val_only_in_epochs_with_validation():
+    X, Y = _data()
+    seed_everything(0)
+    train, val = tensor_loaders([X[:150], Y[:150]], [X[150:], Y[150:]], batch_size=64, seed=0)
+    trainer, cb = make_trainer(
+        max_epochs=4, accelerator="cpu", early_stopping=False, check_val_every_n_epoch=2, **QUIET
+    )
+    trainer.fit(_Linear(), train, val)
+    hist = cb.history
+    assert hist["val_loss"].isna().tolist() == [True, False, True, False]
+    assert hist["train_loss"].notna().all()
+
+
+def test_early_stopping_stops_when_val_loss_rises_and_restores_best():
+    X, Y = _data()
+    seed_everything(0)
+    module = _Linear(lr=0.1)
+    # validation targets are the negated training targets: fitting the training data makes val loss rise
+    train, _ = tensor_loaders([X[:150], Y[:150]], batch_size=50, seed=0)
+    val = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(X[150:]), torch.from_numpy(-Y[150:])), 50
+    )
+    hist = fit_module(module, train, val, max_epochs=50, patience=3, restore_best=True, accelerator="cpu", **QUIET)
+    assert len(hist) < 10  # stopped long before max_epochs
+    best = int(hist["val_loss"].idxmin())
+    assert len(hist) == best + 1 + 3  # patience epochs after the best one
+    assert hist["val_loss"].iloc[-1] > hist["val_loss"].min()
+    # restore_best: the module holds the weights of the best epoch
+    assert _val_loss(module, X[150:], -Y[150:]) == pytest.approx(hist["val_loss"].min(), rel=1e-5)
+
+
+def test_early_stopping_off_without_validation_data():
+    X, Y = _data()
+    train, _ = tensor_loaders([X, Y], batch_size=64)
+    hist = fit_module(_Linear(), train, None, max_epochs=3, early_stopping=True, accelerator="cpu", **QUIET)
+    assert len(hist) == 3
+    assert "val_loss" not in hist
+
+
+def _train_once(seed):
+    X, Y = _data()
+    seed_everything(seed)
+    module = _Linear()
+    train, val = tensor_loaders([X[:150], Y[:150]], [X[150:], Y[150:]], batch_size=32, shuffle=True, seed=seed)
+    fit_module(module, train, val, max_epochs=3, early_stopping=False, accelerator="cpu", **QUIET)
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_same_seed_gives_identical_weights():
+    a, b, c = _train_once(0), _train_once(0), _train_once(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_tensor_loaders_seeded_shuffle_dtypes_and_errors():
+    X = np.arange(20, dtype=np.float64).reshape(10, 2)
+    m = np.ones((10, 2), dtype=bool)
+
+    def order(seed):
+        dl, _ = tensor_loaders([X, m], batch_size=4, seed=seed)
+        return torch.cat([b[0][:, 0] for b in dl]).tolist()
+
+    assert order(3) == order(3)
+    assert sorted(order(3)) == X[:, 0].tolist()
+    assert order(3) != order(4)
+    dl, val = tensor_loaders([X, m], [X[:3], m[:3]], batch_size=4)
+    x, mm = next(iter(dl))
+    assert x.dtype == torch.float32 and mm.dtype == torch.bool
+    assert [b[0][:, 0].tolist() for b in val] == [[0.0, 2.0, 4.0]]  # validation is never shuffled
+    with pytest.raises(ValueError, match="different lengths"):
+        tensor_loaders([X, m[:5]])
+    with pytest.raises(ValueError, match="no rows"):
+        tensor_loaders([X[:0]])
+    with pytest.raises(ValueError, match="batch_size"):
+        tensor_loaders([X], batch_size=0)
+
+
+def test_default_strategy(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert count_devices("cpu", "auto") == 1
+    assert count_devices("cpu", [0, 1, 2]) == 3
+    assert count_devices("gpu", "0,1") == 2
+    assert default_strategy("cpu", 1) == "auto"
+    assert default_strategy("cpu", 2) == "ddp_spawn"
+    assert default_strategy("cpu", 1, num_nodes=2) == "ddp"
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    assert default_strategy("cpu", 2) == "ddp_notebook"
+
+
+def test_make_trainer_options_and_bad_inputs(tmp_path):
+    trainer, cb = make_trainer(max_epochs=2, accelerator="cpu", checkpoint=True, default_root_dir=tmp_path, **QUIET)
+    assert isinstance(cb, HistoryCallback)
+    kinds = {type(c).__name__ for c in trainer.callbacks}
+    assert {"HistoryCallback", "EarlyStopping", "ModelCheckpoint"} <= kinds
+    assert trainer.logger is None
+    trainer, _ = make_trainer(max_epochs=2, accelerator="cpu", has_val=False, **QUIET)
+    assert "EarlyStopping" not in {type(c).__name__ for c in trainer.callbacks}
+    with pytest.raises(ValueError, match="max_epochs"):
+        make_trainer(max_epochs=0)
+    with pytest.raises(ValueError, match="patience"):
+        make_trainer(max_epochs=2, patience=0)
+
+
+def test_atomic_dir(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as d:
+        (d / "a.txt").write_text("1")
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(FileExistsError, match="overwrite"):
+        with atomic_dir(target):
+            pass
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_dir(target, overwrite=True) as d:
+            (d / "a.txt").write_text("2")
+            raise RuntimeError("boom")
+    assert (target / "a.txt").read_text() == "1"  # a failed write leaves the old folder
+    with atomic_dir(target, overwrite=True) as d:
+        (d / "b.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folders left
+
+
+def test_ddp_spawn_two_cpu_processes_returns_weights_and_history(tmp_path):
+    # the module must be importable in the spawned processes: use the MLP baseline's module
+    from histoflow.models._baselines import _MLPModule
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(96, 6)).astype(np.float32)
+    Y = (X[:, :3] * 2 + 1).astype(np.float32)
+    M = np.ones_like(Y, dtype=bool)
+    seed_everything(0)
+    module = _MLPModule(6, 3, hidden_dims=(16,), dropout=0.0, lr=1e-2)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    train, val = tensor_loaders([X[:64], Y[:64], M[:64]], [X[64:], Y[64:], M[64:]], batch_size=16, seed=0)
+    hist = fit_module(
+        module, train, val, max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_spawn", early_stopping=False,
+        checkpoint=True, default_root_dir=tmp_path, **QUIET,
+    )  # fmt: skip
+    assert list(hist.index) == [0, 1, 2]
+    assert hist[["train_loss", "val_loss"]].notna().all().all()
+    assert hist["val_loss"].iloc[-1] < hist["val_loss"].iloc[0]
+    after = module.state_dict()
+    assert not torch.equal(before["net.0.weight"], after["net.0.weight"])
+    # the parent holds exactly the weights the rank-0 process ended with (its last checkpoint)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(torch.equal(last["state_dict"][k], after[k]) for k in after)
+    assert "HistoryCallback" in "".join(last["callbacks"])

@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+
+import histoflow as hf
+from histoflow.models import MoLF
+from histoflow.tl._molf import _filter_and_rank
+
+SMALL = {
+    "latent_dim": 8,
+    "vae_d_model": 32,
+    "vae_ff_dim": 64,
+    "cond_dim": 32,
+    "expert_width": 32,
+    "n_experts": 3,
+    "top_k": 2,
+    "vae_heads": 2,
+    "expert_heads": 2,
+}
+TRAIN = {"show_progress_bar": False, "patience": 5}
+
+
+def _table(seed: int = 0, n_per_slide: int = 36, n_genes: int = 12) -> AnnData:
+    """Six slides on 6×6 grids, three cancer types; features carry (noisily) the expression programs."""
+    rng = np.random.default_rng(seed)
+    rows, obs = [], []
+    for s in range(6):
+        g = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2)[:n_per_slide]
+        prog = np.column_stack([np.sin(g[:, 0] / 2 + s), np.cos(g[:, 1] / 2 - s)])
+        rows.append((g * 100.0, prog))
+        ct = ["IDC", "PRAD", "COAD"][s % 3]
+        obs.append(
+            pd.DataFrame(
+                {
+                    "library_id": f"S{s}",
+                    "cancer_type": ct,
+                    "patient": f"P{s}",
+                    "split": ["train", "train", "train", "val", "val", "test"][s],
+                },
+                index=[f"S{s}_{i}" for i in range(len(g))],
+            )
+        )
+    obs = pd.concat(obs)
+    coords = np.concatenate([r[0] for r in rows])
+    prog = np.concatenate([r[1] for r in rows])
+    load = rng.normal(size=(2, n_genes))
+    logmu = 1.0 + prog @ load * 0.8
+    counts = rng.poisson(np.exp(logmu)).astype(np.float32)
+    a = AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+    a.obs["pixel_size_um"] = 1.0
+    a.obsm["spatial"] = coords
+    a.obsm["X_feat"] = np.concatenate([prog, rng.normal(size=(len(obs), 6))], 1).astype(np.float32) @ rng.normal(
+        size=(8, 16)
+    ).astype(np.float32)
+    for c in ("library_id", "cancer_type", "split"):
+        a.obs[c] = a.obs[c].astype("category")
+    hf.pp.normalize(a)
+    return a
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    a = _table()
+    model = hf.tl.fit_molf(
+        a,
+        embedding_key="X_feat",
+        max_epochs=6,
+        batch_size=64,
+        accelerator="cpu",
+        devices=1,
+        train_kwargs=TRAIN,
+        n_samples=2,
+        **SMALL,
+    )
+    return a, model
+
+
+def test_fit_writes_documented_keys_only(fitted):
+    a, model = fitted
+    assert {"molf", "molf_std", "X_molf_latent", "molf_routing"} <= set(a.obsm)
+    assert set(a.obsm) == {"spatial", "X_feat", "molf", "molf_std", "X_molf_latent", "molf_routing"}
+    assert set(a.layers) == {"log1p", "counts", "molf"}  # var_names == panel: also a layer
+    pred = a.obsm["molf"]
+    assert isinstance(pred, pd.DataFrame) and list(pred.columns) == list(a.var_names)
+    assert (pred.index == a.obs_names).all() and np.isfinite(pred.to_numpy()).all() and (pred.to_numpy() >= 0).all()
+    r = a.obsm["molf_routing"].to_numpy()
+    np.testing.assert_allclose(r.sum(1), 1.0, rtol=1e-5)
+    assert ((r > 0).sum(1) >= 2).all()  # mean over 2 samples of top-2 routings
+    r1 = model.predict(a, n_samples=1)["routing"]
+    assert ((r1 > 0).sum(1) == 2).all()  # one sample: exactly the top-2 of 3 experts
+    assert a.obsm["X_molf_latent"].shape == (a.n_obs, 8)
+    u = a.uns["molf"]
+    assert u["genes"] == list(a.var_names)
+    assert {"train_flow", "train_gene", "train_aux", "val_loss", "train_load_0"} <= set(u["history"]["flow"].columns)
+    assert {"train_rec", "train_kl", "val_loss"} <= set(u["history"]["vae"].columns)
+    assert u["train_libraries"]["train"] == ["S0", "S1", "S2"]
+    assert list(a.obs.columns) == ["library_id", "cancer_type", "patient", "split", "pixel_size_um"]
+
+
+def test_same_seed_same_numbers(fitted):
+    a, model = fitted
+    p1 = model.predict(a, seed=3)["mean"]
+    p2 = model.predict(a, seed=3)["mean"]
+    np.testing.assert_array_equal(p1, p2)
+    assert not np.array_equal(p1, model.predict(a, seed=4)["mean"])
+    b = _table()
+    m2 = hf.tl.fit_molf(
+        b,
+        embedding_key="X_feat",
+        max_epochs=6,
+        batch_size=64,
+        accelerator="cpu",
+        devices=1,
+        train_kwargs=TRAIN,
+        n_samples=2,
+        **SMALL,
+    )
+    np.testing.assert_allclose(b.obsm["molf"].to_numpy(), a.obsm["molf"].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert m2.history["flow"].shape == model.history["flow"].shape
+
+
+def test_save_load_round_trip_and_refusals(fitted, tmp_path):
+    a, model = fitted
+    model.save(tmp_path / "m")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        model.save(tmp_path / "m")
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = MoLF.load(tmp_path / "m", adata=a)
+    np.testing.assert_array_equal(loaded.predict(a, seed=1)["mean"], model.predict(a, seed=1)["mean"])
+    pd.testing.assert_frame_equal(loaded.history["flow"], model.history["flow"])
+    other = a.copy()
+    other.obs["cancer_type"] = other.obs["cancer_type"].astype(str).replace({"IDC": "LUAD"})
+    with pytest.raises(ValueError, match="LUAD"):
+        MoLF.load(tmp_path / "m", adata=other)
+    genes = a[:, :6].copy()
+    with pytest.raises(ValueError, match="genes"):
+        MoLF.load(tmp_path / "m", adata=genes)
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        MoLF.load(tmp_path / "nothing")
+
+
+def test_predict_image_only_slide_and_unknown_type(fitted):
+    a, model = fitted
+    img = AnnData(obs=a.obs[["library_id", "cancer_type", "pixel_size_um"]].iloc[:36].copy())
+    img.obsm["X_feat"] = a.obsm["X_feat"][:36]
+    img.obsm["spatial"] = a.obsm["spatial"][:36]
+    hf.tl.predict(model, img, seed=0)
+    assert img.obsm["molf"].shape == (36, a.n_vars) and "molf" not in img.layers
+    np.testing.assert_allclose(img.obsm["molf"].to_numpy(), model.predict(a, rows=np.arange(36))["mean"], rtol=1e-5)
+    img.obs["cancer_type"] = "SKCM"
+    with pytest.raises(ValueError, match="allow_unknown"):
+        hf.tl.predict(model, img)
+    hf.tl.predict(model, img, allow_unknown=True, key_added="unk")
+    assert np.isfinite(img.obsm["unk"].to_numpy()).all()
+
+
+def test_guidance_selection_known_answer():
+    sweep = pd.DataFrame(
+        {"guidance": [0.0, 1.0, 2.0, 3.0], "w1": [0.50, 0.40, 0.41, 0.60], "cosine": [0.30, 0.20, 0.10, 0.05]}
+    )
+    # feasible: w1 <= 0.42 -> {1, 2}; smallest cosine among them: 2 (3 has a smaller cosine but is infeasible)
+    assert _filter_and_rank(sweep, 0.05) == 2.0
+    assert _filter_and_rank(sweep, 0.0) == 1.0
+    assert _filter_and_rank(sweep, 1.0) == 3.0
+
+
+def test_select_guidance_end_to_end(fitted):
+    a, model = fitted
+    sweep = hf.tl.select_guidance(model, a, scales=(0.0, 1.0, 2.0))
+    assert list(sweep.columns) == ["guidance", "w1", "cosine", "feasible", "chosen"]
+    assert sweep["chosen"].sum() == 1 and model.config.guidance == float(sweep.loc[sweep["chosen"], "guidance"].iloc[0])
+    assert a.uns["molf_guidance"]["chosen"] == model.config.guidance
+    model.config.guidance = 1.0
+    with pytest.raises(ValueError, match="split"):
+        hf.tl.select_guidance(model, a, split="nope")
+
+
+def test_trajectories(fitted):
+    a, model = fitted
+    out = hf.tl.trajectories(model, a, steps=4, n_spots=10)
+    assert out["trajectory"].shape == (5, 10, 8) and out["z1_true"].shape == (10, 8)
+    np.testing.assert_allclose(out["trajectory"][-1], out["z1_pred"])
+    assert "molf_trajectories" in a.uns
+
+
+def test_variants_and_gene_mask():
+    a = _table(seed=1)
+    a.uns["histoflow_gene_mask"] = pd.DataFrame(True, index=[f"S{i}" for i in range(6)], columns=a.var_names)
+    a.uns["histoflow_gene_mask"].loc["S0", "G0"] = False
+    m = hf.tl.fit_molf(
+        a,
+        embedding_key="X_feat",
+        max_epochs=2,
+        batch_size=64,
+        accelerator="cpu",
+        devices=1,
+        train_kwargs=TRAIN,
+        velocity="dense",
+        spatial_context=None,
+        key_added="dense",
+        **SMALL,
+    )
+    assert m.n_experts == 1 and a.obsm["dense_routing"].shape == (a.n_obs, 1)
+    from histoflow.models._data import targets
+
+    _, mask = targets(a, list(a.var_names), "log1p", np.arange(a.n_obs))
+    assert not mask[a.obs["library_id"] == "S0", 0].any() and mask[a.obs["library_id"] != "S0", 0].all()
+
+
+def test_bad_inputs():
+    a = _table()
+    with pytest.raises(KeyError, match="embed_patches"):
+        MoLF(a, embedding_key="X_missing")
+    with pytest.raises(TypeError, match="Unknown MoLF settings"):
+        MoLF(a, embedding_key="X_feat", n_expert=3)
+    with pytest.raises(ValueError, match="latent"):
+        MoLF(a, embedding_key="X_feat", latent="nope")
+    m = MoLF(a, embedding_key="X_feat", **SMALL)
+    with pytest.raises(RuntimeError, match="not trained"):
+        m.predict(a)
+    a.obs["split"] = "val"
+    with pytest.raises(ValueError, match="train"):
+        m.train(1)
+
+
+def test_ddp_two_cpu_processes():
+    a = _table()
+    m = MoLF(a, embedding_key="X_feat", **SMALL)
+    m.train(2, batch_size=32, accelerator="cpu", devices=2, strategy="ddp_spawn", show_progress_bar=False)
+    assert m.is_trained and len(m.history["flow"]) == 2 and "val_loss" in m.history["flow"]
+    assert np.isfinite(m.predict(a)["mean"]).all()
