@@ -255,7 +255,7 @@ class _BaselineModel:
 
     @classmethod
     def load(cls, dir_path: str | Path, adata: AnnData | SpatialData | None = None, *, table_key: str = Key.table):
-        """Load a model saved with :meth:`save`.
+        """Load a model saved with ``save``.
 
         Parameters
         ----------
@@ -611,7 +611,7 @@ class MLPBaseline(_BaselineModel):
             Number of devices or ``"auto"``; several devices train with DDP (``ddp_spawn``, or ``ddp_notebook`` in
             Jupyter).
         strategy
-            Lightning strategy; None picks one (see :func:`histoflow.models._train.default_strategy`).
+            Lightning strategy; None picks one (as :func:`~histoflow.models.make_trainer` does).
         num_nodes
             Number of nodes.
         batch_size

@@ -42,17 +42,22 @@ class LatentFlow(nn.Module):
         lambda_flow: float = 1.0,
         lambda_gene: float = 1.0,
         lambda_aux: float = 1.0,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """All loss terms for one batch (keys ``loss``, ``flow``, ``gene``, ``aux``, ``load``)."""
+        """All loss terms for one batch (keys ``loss``, ``flow``, ``gene``, ``aux``, ``load``).
+
+        ``generator`` fixes the noise, times and dropout draws (used for a validation loss that does not jitter).
+        """
         z1 = batch["z1"]
-        b = z1.shape[0]
-        drop = torch.rand(b, device=z1.device) < p_uncond
+        b, dev = z1.shape[0], z1.device
+        drop = torch.rand(b, device=dev, generator=generator) < p_uncond
         meta = batch.get("meta")
         if meta is not None and p_meta_drop > 0:
-            meta = torch.where(torch.rand(meta.shape, device=z1.device) < p_meta_drop, torch.full_like(meta, -1), meta)
+            hit = torch.rand(meta.shape, device=dev, generator=generator) < p_meta_drop
+            meta = torch.where(hit, torch.full_like(meta, -1), meta)
         c, _ = self.condition(batch["feats"], batch.get("offsets"), batch.get("valid"), meta, drop)
-        z0 = torch.randn_like(z1)
-        t = torch.rand(b, 1, device=z1.device)
+        z0 = torch.randn(z1.shape, device=dev, generator=generator)
+        t = torch.rand(b, 1, device=dev, generator=generator)
         zt = (1 - t) * z0 + t * z1
         v, info = self.velocity(zt, t, c)
         flow = torch.mean((v - (z1 - z0)) ** 2)

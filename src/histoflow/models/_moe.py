@@ -112,7 +112,8 @@ class MixtureOfExperts(nn.Module):
             y = expert(x.index_select(0, sel)) * weights.index_select(0, sel)[:, e : e + 1]
             if out is None:
                 out = x.new_zeros((x.shape[0], y.shape[1]))
-            out = out.index_add(0, sel, y)
+            # rows in `sel` are unique: a gather + put (no accumulation) is exact and fast, also in deterministic mode
+            out = out.index_put((sel,), out.index_select(0, sel) + y)
         counts = torch.zeros(self.n_experts, device=x.device, dtype=x.dtype).index_add(
             0, top_i.reshape(-1), torch.ones(top_i.numel(), device=x.device, dtype=x.dtype)
         )

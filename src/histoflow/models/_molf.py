@@ -44,7 +44,7 @@ class MoLFConfig:
 
     latent: Literal["vae"] = "vae"
     latent_dim: int = 128
-    vae_d_model: int = 128
+    vae_d_model: int = 64
     vae_heads: int = 4
     vae_layers: int = 1
     vae_ff_dim: int = 512
@@ -166,7 +166,7 @@ class _FlowModule(L.LightningModule):
         self.decoder.requires_grad_(False)
         self.cfg, self.lr, self.gate_lr, self.wd = cfg, lr, gate_lr, wd
 
-    def _loss(self, batch: dict[str, torch.Tensor], train: bool) -> dict[str, torch.Tensor]:
+    def _loss(self, batch: dict[str, torch.Tensor], train: bool, generator: Any = None) -> dict[str, torch.Tensor]:
         c = self.cfg
         return self.flow.loss(
             batch,
@@ -176,6 +176,7 @@ class _FlowModule(L.LightningModule):
             lambda_flow=c.lambda_flow,
             lambda_gene=c.lambda_gene,
             lambda_aux=c.lambda_aux,
+            generator=generator,
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -188,7 +189,9 @@ class _FlowModule(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        out = self._loss(batch, False)
+        # the same noise and times every epoch, so the validation loss (early stopping) does not jitter
+        gen = torch.Generator(device=batch["z1"].device).manual_seed(1_000_003 + batch_idx)
+        out = self._loss(batch, False, gen)
         b = batch["z1"].shape[0]
         # early stopping watches flow + gene consistency (the load-balancing term is a regulariser)
         self.log("val_loss", out["flow"] + out["gene"], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
@@ -587,12 +590,16 @@ class MoLF:
         dev = torch.device(device)
         flow, dec = self.flow.to(dev).eval(), self.vae.decoder.to(dev).eval()
         n, L_ = len(rows), self.config.latent_dim
-        gather = _Gather(arrays, nbr, off)
+        # project every spot's features once; neighbour tokens are then gathered from the projections
+        proj = torch.cat(
+            [flow.condition.project(arrays["feats"][s : s + batch_size].to(dev)) for s in range(0, n, batch_size)]
+        )
+        gather = _Gather({**arrays, "feats": proj}, nbr, off)
         conds, attns = [], []
         for s in range(0, n, batch_size):
             b = gather(list(range(s, min(s + batch_size, n))))
             b = {k: v.to(dev) for k, v in b.items()}
-            c, a = flow.condition(b["feats"], b.get("offsets"), b.get("valid"), b.get("meta"))
+            c, a = flow.condition.forward_projected(b["feats"], b.get("offsets"), b.get("valid"), b.get("meta"))
             conds.append(c)
             if a is not None:
                 attns.append(a.cpu())

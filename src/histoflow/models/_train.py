@@ -233,7 +233,7 @@ def _remove_if_owner(folder: str, pid: int) -> None:
 
 
 class HistoryCallback(Callback):
-    """Collects every scalar metric logged per epoch into :attr:`history` (a DataFrame indexed by epoch).
+    """Collects every scalar metric logged per epoch into :attr:`~histoflow.models.HistoryCallback.history`.
 
     At the end of each training epoch (after that epoch's validation) it reads ``trainer.callback_metrics``:
     ``train_*`` and any other epoch-level scalars, ``val_*`` only when validation ran in that epoch, never the
@@ -319,7 +319,7 @@ class HistoryCallback(Callback):
 
     @property
     def history(self) -> pd.DataFrame:
-        """Metrics per epoch: index ``epoch``, one column per metric (NaN where a metric was not logged)."""
+        """Metrics per epoch (index ``epoch``), one column per metric (NaN where a metric was not logged)."""
         self.collect()
         if not self._records:
             return pd.DataFrame(index=pd.Index([], name="epoch", dtype=np.int64))
@@ -405,8 +405,8 @@ def make_trainer(
     devices
         Number of devices, device indices, or ``"auto"``.
     strategy
-        Lightning strategy; None chooses with :func:`default_strategy` (``ddp_spawn`` for several devices in a
-        script, ``ddp_notebook`` in Jupyter).
+        Lightning strategy; None chooses one: ``"auto"`` (one process) for one device, ``"ddp"`` for several
+        nodes or under ``torchrun``/SLURM, otherwise ``"ddp_spawn"`` in a script and ``"ddp_notebook"`` in Jupyter.
     num_nodes
         Number of nodes (multi-node jobs are launched by the cluster and use ``ddp``).
     has_val
@@ -423,7 +423,7 @@ def make_trainer(
     min_delta
         Smallest change that counts as an improvement.
     restore_best
-        Load the weights of the best epoch (by ``monitor``) at the end of training (:class:`BestWeightsCallback`).
+        Load the weights of the best epoch (by ``monitor``) at the end of training (``BestWeightsCallback``).
     enable_progress_bar
         Show Lightning's progress bar.
     default_root_dir
@@ -506,7 +506,7 @@ def fit_module(
     ckpt_path: str | Path | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
-    """Train ``module`` with :func:`make_trainer` and return its history.
+    """Train ``module`` with :func:`~histoflow.models.make_trainer` and return its history.
 
     After it returns, ``module`` holds the trained weights (the best ones with ``restore_best=True``), also when
     training ran in spawned DDP processes, and sits on the CPU.
@@ -522,7 +522,7 @@ def fit_module(
     ckpt_path
         Checkpoint to resume from (e.g. ``last.ckpt`` written with ``checkpoint=True``).
     kwargs
-        Passed to :func:`make_trainer` (``max_epochs`` is required).
+        Passed to :func:`~histoflow.models.make_trainer` (``max_epochs`` is required).
 
     Returns
     -------

@@ -106,7 +106,17 @@ class ConditionEncoder(nn.Module):
         ``feats`` is ``(B, D)`` (the spot alone) or ``(B, 1 + K, D)`` (the spot first, then K neighbours) with
         ``offsets_um`` ``(B, 1 + K, 2)`` and ``valid`` ``(B, 1 + K)`` marking real (not padded) neighbours.
         """
-        h = self.project(feats)
+        return self.forward_projected(self.project(feats), offsets_um, valid, meta, drop)
+
+    def forward_projected(
+        self,
+        h: torch.Tensor,
+        offsets_um: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        meta: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` on tokens already passed through :meth:`project` (lets inference project each spot once)."""
         if self.spatial_context == "window" and h.ndim == 3:
             h = h + sinusoidal_2d(offsets_um, self.cond_dim)
             pad = None if valid is None else ~valid

@@ -1,0 +1,105 @@
+"""Prediction speed of MoLF: spots per second and peak memory.
+
+    python benchmarks/predict_speed.py [--sizes 10000 100000] [--repeats 3] [--threads 2]
+
+Each configuration runs in a fresh process (peak RSS is per process). Rows:
+- MoLF, steps = 1 with guidance (w = 2: conditional and null branch in one batched forward pass),
+- MoLF, steps = 10 with guidance,
+- MoLF, steps = 1 without spatial context (bag of patches),
+- the MLP baseline (one forward pass),
+all on the same synthetic table (1280-d features as from EfficientNet-Lite0, a Visium-like grid, 50 genes).
+Weights are random: speed does not depend on training. Ratios are against the MLP baseline, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import numpy as np
+
+
+def _table(n: int, seed: int = 0):
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n / 4)))
+    per = side * side
+    libs = np.repeat([f"S{i}" for i in range(4)], per)[:n]
+    g = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)
+    coords = np.concatenate([g] * 4)[:n] * 100.0
+    obs = pd.DataFrame({"library_id": libs, "cancer_type": np.where(libs < "S2", "IDC", "PRAD"),
+                        "split": np.where(libs == "S3", "val", "train"), "pixel_size_um": 1.0},
+                       index=[f"c{i}" for i in range(n)])
+    a = ad.AnnData(sp.csr_matrix(rng.poisson(2, size=(n, 50)).astype(np.float32)), obs=obs)
+    a.var_names = [f"G{i}" for i in range(50)]
+    a.layers["log1p"] = a.X.copy()
+    a.layers["log1p"].data = np.log1p(a.layers["log1p"].data)
+    a.obsm["spatial"] = coords
+    a.obsm["X_efficientnet_lite0"] = rng.normal(size=(n, 1280)).astype(np.float32)
+    return a
+
+
+def _run(kind: str, n: int, repeats: int, threads: int, q: mp.Queue) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    a = _table(n)
+    times = []
+    if kind == "mlp":
+        from histoflow.models import MLPBaseline
+
+        m = MLPBaseline(a, embedding_key="X_efficientnet_lite0", layer="log1p")
+        m.train(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, early_stopping=False)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            m.predict(a)
+            times.append(time.perf_counter() - t)
+    else:
+        from histoflow.models import MoLF
+
+        spatial = None if kind == "molf_bag" else "window"
+        m = MoLF(a, spatial_context=spatial)
+        m.is_trained = True
+        steps = 10 if kind == "molf_10" else 1
+        for _ in range(repeats):
+            t = time.perf_counter()
+            m.predict(a, steps=steps, guidance=2.0)
+            times.append(time.perf_counter() - t)
+    q.put((statistics.median(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    ctx = mp.get_context("spawn")
+    rows = [("molf", "MoLF, 1 step, guidance w=2"), ("molf_10", "MoLF, 10 steps, guidance w=2"),
+            ("molf_bag", "MoLF, 1 step, w=2, no spatial context"), ("mlp", "MLP baseline")]
+    print(f"threads={args.threads} repeats={args.repeats} (median), features 1280-d, 50 genes")
+    print()
+    print("| spots | model | seconds | spots/s | vs MLP | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|")
+    for n in args.sizes:
+        res = {}
+        for kind, _ in rows:
+            q = ctx.Queue()
+            proc = ctx.Process(target=_run, args=(kind, n, args.repeats, args.threads, q))
+            proc.start()
+            res[kind] = q.get()
+            proc.join()
+        base = n / res["mlp"][0]
+        for kind, label in rows:
+            sec, rss = res[kind]
+            print(f"| {n} | {label} | {sec:.2f} | {n / sec:,.0f} | {n / sec / base:.2f}× | {rss:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
