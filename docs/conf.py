@@ -12,6 +12,7 @@ checked in both modes. See ``contributing.md``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -63,6 +64,8 @@ myst_heading_anchors = 3
 
 autosummary_generate = True
 autosummary_imported_members = True
+# A module page (docs/_templates/autosummary/module.rst, e.g. tl.metrics) lists exactly the module's __all__.
+autosummary_ignore_module_all = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"  # sphinx_autodoc_typehints moves annotations into the parameter list
 autoclass_content = "class"
@@ -88,6 +91,12 @@ _PUBLIC_MODULE = {
     "torch.nn.modules": "torch.nn",
     "anndata._core": "anndata",
     "spatialdata._core": "spatialdata",
+    # Lightning's classes live in submodules of lightning.pytorch and are documented under lightning.pytorch.
+    "lightning.pytorch.trainer": "lightning.pytorch",
+    "lightning.pytorch.core": "lightning.pytorch",
+    "lightning.pytorch.callbacks": "lightning.pytorch",
+    # histoflow.tl._metrics is documented as the public module histoflow.tl.metrics, not as histoflow.tl.
+    "histoflow.tl._metrics": "histoflow.tl.metrics",
 }
 
 
@@ -130,7 +139,11 @@ nitpick_ignore: list[tuple[str, str]] = [
     ("py:func", "gseapy.get_library"),
     ("py:mod", "pooch"),
 ]
-nitpick_ignore_regex: list[tuple[str, str]] = []
+nitpick_ignore_regex: list[tuple[str, str]] = [
+    # Lightning (the Trainer, LightningModule and Callback of histoflow.models' signatures and bases) publishes no
+    # intersphinx inventory that we can rely on; its names are forgiven in both modes.
+    (r"py:.*", r"lightning(\..+)?"),
+]
 
 
 def _online() -> bool:
@@ -173,10 +186,108 @@ html_context = {"default_mode": "light"}
 pygments_style = "default"
 
 
+# -- histoflow's docstring conventions -------------------------------------------------------------------------------
+
+_SECTION_RULE = re.compile(r"^(-{3,}|={3,})$")
+
+
+def _returns_as_paragraph(app, what, name, obj, options, lines: list[str]) -> None:
+    """Render a type-less numpydoc ``Returns`` section (histoflow's convention: prose) as one ``:returns:`` paragraph.
+
+    histoflow's docstrings carry no types (they come from the annotations), so a ``Returns`` section is a paragraph
+    ("``None``, or the modified copy when ``copy=True``. Writes ..."). Napoleon would read its first line as the
+    return *type* (a one-line section becomes a broken ``:rtype:`` reference and hides the annotation) and each
+    further line as another returned value (a bullet list). Runs before napoleon and indents the paragraph under an
+    empty ``:`` entry (no name, no type), which napoleon turns into ``:returns: <paragraph>``; the return type then
+    comes from the annotation. A section in the named form (``name``, then an indented description) is left as is.
+    """
+    for i in range(len(lines) - 1):
+        if lines[i] == "Returns" and _SECTION_RULE.match(lines[i + 1]):
+            break
+    else:
+        return
+    start = end = i + 2
+    while end < len(lines) and not (
+        end + 1 < len(lines) and lines[end][:1].strip() and _SECTION_RULE.match(lines[end + 1])
+    ):
+        end += 1
+    body = lines[start:end]
+    while body and not body[0].strip():
+        body.pop(0)
+    while body and not body[-1].strip():
+        body.pop()
+    if not body or body[0][:1].isspace() or (len(body) > 1 and body[1][:1].isspace() and body[1].strip()):
+        return
+    lines[start:end] = [":", *(f"    {line}" if line.strip() else "" for line in body), ""]
+
+
+def _reexported_data_comment(app, what, name, obj, options, lines: list[str]) -> None:
+    """Document a re-exported constant (``tl.metrics.AGGREGATIONS``) with the ``#:`` comment where it is defined.
+
+    autodoc looks for the comment in the public module only, finds none and shows the docstring of the value's type
+    (``tuple``'s). Look in every loaded histoflow module that holds the same object instead; no comment: no text.
+    """
+    if what != "data" or not name.startswith("histoflow.") or obj is None:
+        return
+    type_doc = inspect.getdoc(type(obj))
+    if type_doc is None or "\n".join(lines).strip() != type_doc.strip():
+        return
+    from sphinx.pycode import ModuleAnalyzer
+
+    attr = name.rpartition(".")[2]
+    comment: list[str] = []
+    for modname, module in sorted(sys.modules.items()):
+        if modname.split(".")[0] != "histoflow" or getattr(module, attr, None) is not obj:
+            continue
+        try:
+            comment = ModuleAnalyzer.for_module(modname).find_attr_docs().get(("", attr), [])
+        except Exception:  # noqa: BLE001 - no source: keep looking
+            continue
+        if comment:
+            break
+    lines[:] = [*comment, ""] if comment else []
+
+
+def _skip_foreign_member(app, what, name, obj, skip, options) -> bool | None:
+    """Leave out what a histoflow class inherits from another project (Lightning hooks, torch methods).
+
+    Also left out: histoflow methods without a docstring of their own (Lightning hooks a callback overrides), which
+    autodoc would otherwise show with the docstring of the overridden method.
+    """
+    if inspect.isclass(obj) or inspect.ismodule(obj):
+        return None
+    target = getattr(obj, "fget", obj)
+    target = getattr(target, "__func__", target)
+    module = getattr(target, "__module__", None)
+    if not isinstance(module, str):
+        return None
+    if module.split(".")[0] != "histoflow":
+        return True
+    if inspect.isroutine(target) and not target.__doc__:
+        return True
+    return None
+
+
+def _public_bases(app, name, obj, options, bases: list) -> None:
+    """Show public base classes: a private base (``_BaselineModel``) is replaced by its own bases."""
+
+    def expand(base: type) -> list[type]:
+        if base.__name__.startswith("_"):
+            return [b for parent in base.__bases__ for b in expand(parent)]
+        return [base]
+
+    bases[:] = list(dict.fromkeys(b for base in bases for b in expand(base)))
+
+
 def setup(app) -> None:
-    """Say when the build runs offline."""
+    """Say when the build runs offline; apply histoflow's docstring conventions."""
     from sphinx.util import logging
 
+    # Before napoleon (priority 500), which converts the numpydoc sections.
+    app.connect("autodoc-process-docstring", _returns_as_paragraph, priority=400)
+    app.connect("autodoc-process-docstring", _reexported_data_comment)
+    app.connect("autodoc-skip-member", _skip_foreign_member)
+    app.connect("autodoc-process-bases", _public_bases)
     if OFFLINE:
         logging.getLogger(__name__).info(
             "histoflow docs: offline mode (no intersphinx inventories; references to other projects are not checked)"

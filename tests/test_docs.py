@@ -13,19 +13,29 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from html import unescape
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 
-# Namespaces whose autosummary block in docs/api.md is written. Add "tl", "pl", "get" and "models" here when their
-# block replaces the marked comment in docs/api.md; from then on every name in their __all__ needs a page.
-DOCUMENTED = ("io", "datasets", "pp")
+# Namespaces whose autosummary block in docs/api.md is written. Add "pl" and "get" here when their block replaces
+# the marked comment in docs/api.md; from then on every name in their __all__ needs a page.
+DOCUMENTED = ("io", "datasets", "pp", "tl", "models")
 
 
 def _public(namespace: str) -> list[str]:
-    return list(importlib.import_module(f"histoflow.{namespace}").__all__)
+    """Documented names of a namespace, relative to ``histoflow``: ``<namespace>.<name>`` for every name in its
+    ``__all__``; a public submodule (``tl.metrics``) adds ``<namespace>.<module>.<member>`` for its own ``__all__``."""
+    ns = importlib.import_module(f"histoflow.{namespace}")
+    names = []
+    for name in ns.__all__:
+        names.append(f"{namespace}.{name}")
+        value = getattr(ns, name)
+        if isinstance(value, types.ModuleType):
+            names += [f"{namespace}.{name}.{member}" for member in value.__all__]
+    return names
 
 
 def _text(file: Path, sep: str = " ") -> str:
@@ -63,12 +73,38 @@ def _check_api_pages(html: Path) -> None:
     api = (html / "api.html").read_text()
     for namespace in DOCUMENTED:
         for name in _public(namespace):
-            page = f"generated/histoflow.{namespace}.{name}.html"
-            assert (html / page).is_file(), f"histoflow.{namespace}.{name} has no API page: add it to docs/api.md"
-            assert f'href="{page}' in api, f"docs/api.md does not link histoflow.{namespace}.{name}"
+            page = f"generated/histoflow.{name}.html"
+            assert (html / page).is_file(), f"histoflow.{name} has no API page: add it to docs/api.md"
+            assert f'href="{page}' in api, f"docs/api.md does not link histoflow.{name}"
     pages = {p.name.removesuffix(".html") for p in (html / "generated").glob("histoflow.*.html")}
     pages = {p for p in pages if p.split(".")[1] in DOCUMENTED}
-    assert pages == {f"histoflow.{ns}.{name}" for ns in DOCUMENTED for name in _public(ns)}
+    assert pages == {f"histoflow.{name}" for ns in DOCUMENTED for name in _public(ns)}
+
+
+def _check_module_page(html: Path) -> None:
+    """A public submodule's page shows its docstring and links the page of every name in its ``__all__``."""
+    module = importlib.import_module("histoflow.tl.metrics")
+    page = (html / "generated" / "histoflow.tl.metrics.html").read_text()
+    assert "Metrics comparing predicted with measured expression" in _text(
+        html / "generated" / "histoflow.tl.metrics.html"
+    )
+    for member in module.__all__:
+        assert f'href="histoflow.tl.metrics.{member}.html' in page, f"tl.metrics page does not link {member}"
+    # a re-exported constant is documented by the #: comment where it is defined, not by tuple's docstring
+    text = _text(html / "generated" / "histoflow.tl.metrics.AGGREGATIONS.html")
+    assert "The two published aggregations." in text and "immutable sequence" not in text
+
+
+def _check_class_pages(html: Path) -> None:
+    """Class pages: members inherited from a private histoflow base are documented, a private base is not shown as
+    a base, and what a class inherits from another project (Lightning's callback hooks) is left out."""
+    text = _text(html / "generated" / "histoflow.models.RidgeProbe.html")
+    for method in ("train(", "predict(", "save(", "load("):
+        assert method in text, method
+    assert "_BaselineModel" not in text and "Bases: object" in text
+    text = _text(html / "generated" / "histoflow.models.HistoryCallback.html")
+    assert "history" in text and "collect(" in text
+    assert "on_fit_start" not in text and "on_train_start" not in text
 
 
 def _check_function_page(html: Path) -> None:
@@ -79,6 +115,11 @@ def _check_function_page(html: Path) -> None:
     assert re.search(r"table_key \( str \(default: 'table' \)\) – Name of the table", text), text
     assert re.search(r"copy \( bool \(default: False \)\) – Return a modified copy", text), text
     assert "SpatialData | AnnData | None" in text
+    # a type-less Returns paragraph stays one paragraph; the return type comes from the annotation
+    returns = (html / "generated" / "histoflow.pp.normalize.html").read_text().split("Returns", 1)[1]
+    assert "<ul" not in returns.split("</dd>", 1)[0]
+    text = _text(html / "generated" / "histoflow.tl.metrics.mse.html")
+    assert "Return type : float Returns : The MSE." in text, text
 
 
 def _check_index(html: Path) -> None:
@@ -107,6 +148,8 @@ def test_docs_build(tmp_path: Path):
     for page in ("index", "api", "contributing", "changelog", "references", "tutorials/index"):
         assert (html / f"{page}.html").is_file(), page
     _check_api_pages(html)
+    _check_module_page(html)
+    _check_class_pages(html)
     _check_function_page(html)
     _check_index(html)
 

@@ -40,7 +40,7 @@ _FORMAT_VERSION = 1
 
 @dataclass
 class MoLFConfig:
-    """Every architectural and objective setting of a :class:`MoLF` model (saved with it)."""
+    """Every architectural and objective setting of a :class:`~histoflow.models.MoLF` model (saved with it)."""
 
     latent: Literal["vae"] = "vae"
     latent_dim: int = 128

@@ -125,9 +125,14 @@ def seed_everything(seed: int) -> int:
     (ops without a deterministic implementation warn instead of failing). The seed also reaches processes spawned
     for DDP (through ``PL_GLOBAL_SEED``). Call it right before building a module so its initial weights are seeded.
 
+    Parameters
+    ----------
+    seed
+        The seed (converted to ``int``).
+
     Returns
     -------
-    The seed.
+    The seed, as an ``int``.
     """
     seed = int(seed)
     L.seed_everything(seed, workers=True, verbose=False)
@@ -182,7 +187,24 @@ def tensor_loaders(
     Each batch is a list of tensors in the order of the arrays (float64 becomes float32, bool and integers are
     kept). The training loader shuffles with a generator seeded with ``seed + epoch`` (so the batch order does not
     depend on the global random state); the validation loader never shuffles. Under DDP, Lightning replaces the
-    sampler by a ``DistributedSampler`` seeded from :func:`seed_everything`.
+    sampler by a ``DistributedSampler`` seeded from :func:`~histoflow.models.seed_everything`.
+
+    Parameters
+    ----------
+    train_arrays
+        Training arrays, all with the same number of rows.
+    val_arrays
+        Validation arrays, all with the same number of rows; None: no validation loader.
+    batch_size
+        Samples per batch.
+    shuffle
+        Shuffle the training samples (with :class:`~histoflow.models.SeededSampler`); False keeps their order.
+    seed
+        Seed of the training order (pass ``k`` uses ``seed + k``).
+    num_workers
+        Data-loader worker processes.
+    drop_last
+        Drop the last, incomplete training batch.
 
     Returns
     -------
@@ -298,7 +320,13 @@ class HistoryCallback(Callback):
         return {"records": {str(k): v for k, v in self._records.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the records from a checkpoint."""
+        """Restore the records from a checkpoint.
+
+        Parameters
+        ----------
+        state_dict
+            What :meth:`state_dict` returned.
+        """
         self._records = {int(k): dict(v) for k, v in state_dict.get("records", {}).items()}
 
     # reading back

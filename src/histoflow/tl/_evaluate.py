@@ -181,10 +181,15 @@ def evaluate(
     (genes of the set), ``n_excluded`` (undefined units left out: genes for pooled values, slide–gene pairs summed
     over slides for per-slide values, spots for per-spot metrics, slides without domains for the domain metrics),
     ``n_slides`` (slides contributing) and ``n_spots`` (their spots). With ``inplace=True`` also writes
-    ``uns[key_added]`` of the table: ``{"summary": the frame, "per_gene": pooled per-gene values over all spots (pcc,
-    mean of per-slide pcc, mse, mae, variances, rvd, Moran's I of truth and prediction, wasserstein), "per_slide":
-    per-slide values on all genes, "pcc_by_slide", "morans_i_true_by_slide", "morans_i_pred_by_slide": slides ×
-    genes, "gene_corr_true", "gene_corr_pred": genes × genes (see ``store_gene_correlation``), "params": {...}}``.
+    ``uns[key_added]`` of the table, a dict with:
+
+    - ``"summary"``: the frame;
+    - ``"per_gene"``: pooled per-gene values over all spots (pcc, mean of per-slide pcc, mse, mae, variances, rvd,
+      Moran's I of truth and prediction, wasserstein);
+    - ``"per_slide"``: per-slide values on all genes;
+    - ``"pcc_by_slide"``, ``"morans_i_true_by_slide"``, ``"morans_i_pred_by_slide"``: slides × genes;
+    - ``"gene_corr_true"``, ``"gene_corr_pred"``: genes × genes (see ``store_gene_correlation``);
+    - ``"params"``: the settings of the call and the numbers of spots, genes and slides scored.
     """
     start = time.perf_counter()
     adata = get_table(sdata, table_key)

@@ -207,11 +207,38 @@ def _topk_mean(V: np.ndarray, k: int | None) -> np.ndarray:
 
 @dataclass
 class GeneStats:
-    """Per-gene sufficient statistics of one set of spots (one slide, or slides pooled with :meth:`combine`).
+    """Per-gene sufficient statistics of one set of spots (one slide, or several slides pooled).
 
-    ``ss_*`` are centred sums of squares, ``sp`` the centred cross-product of truth and prediction, ``sse``/``sae``
-    the summed squared/absolute errors. Pooling slides is exact (within plus between-slide terms), so pooled PCCs are
-    those of the concatenated spots.
+    Made by :meth:`~histoflow.tl.metrics.GeneStats.of` from the spots × genes arrays of truth ``t`` and prediction
+    ``p``. Pooling slides with :meth:`~histoflow.tl.metrics.GeneStats.combine` is exact (within plus between-slide
+    terms), so pooled PCCs are those of the concatenated spots. Every array has one value per gene.
+
+    Parameters
+    ----------
+    n
+        Number of spots.
+    mean_t
+        Mean of the truth.
+    mean_p
+        Mean of the prediction.
+    ss_t
+        Centred sum of squares of the truth.
+    ss_p
+        Centred sum of squares of the prediction.
+    sp
+        Centred cross-product of truth and prediction.
+    sse
+        Sum of squared errors ``(p - t)^2``.
+    sae
+        Sum of absolute errors ``|p - t|``.
+    min_t
+        Minimum of the truth.
+    max_t
+        Maximum of the truth (a gene is constant in truth when ``min_t == max_t``).
+    min_p
+        Minimum of the prediction.
+    max_p
+        Maximum of the prediction.
     """
 
     n: int
@@ -229,7 +256,15 @@ class GeneStats:
 
     @classmethod
     def of(cls, t: np.ndarray, p: np.ndarray) -> GeneStats:
-        """Statistics of the spots (rows) of ``t`` and ``p``."""
+        """Statistics of the spots (rows) of ``t`` and ``p``.
+
+        Parameters
+        ----------
+        t
+            Truth, spots × genes.
+        p
+            Prediction, same shape.
+        """
         t = np.asarray(t, dtype=np.float64)
         p = np.asarray(p, dtype=np.float64)
         mt = t.mean(axis=0)
@@ -254,7 +289,13 @@ class GeneStats:
 
     @classmethod
     def combine(cls, parts: Sequence[GeneStats]) -> GeneStats:
-        """Statistics of the union of the spots of ``parts`` (exact)."""
+        """Statistics of the union of the spots of ``parts`` (exact).
+
+        Parameters
+        ----------
+        parts
+            Statistics of disjoint sets of spots (e.g. one per slide), same genes.
+        """
         if len(parts) == 1:
             return parts[0]
         w = np.array([s.n for s in parts], dtype=np.float64)

@@ -407,7 +407,7 @@ def trajectories(
     -------
     Dict with ``obs_names``, ``times`` (steps + 1), ``trajectory`` (times × spots × latent), ``z0``, ``z1_pred``
     and, when the table has the panel's expression, ``z1_true`` (Stage I posterior means); also stored in
-    ``uns[f"{key_added}_trajectories"]`` for :func:`histoflow.pl.trajectories`.
+    ``uns[f"{key_added}_trajectories"]`` for plotting (``histoflow.pl.trajectories``, coming with the plots).
     """
     table = get_table(sdata, table_key)
     rng = np.random.default_rng(seed)
