@@ -33,9 +33,15 @@ def _table(n: int, seed: int = 0):
     libs = np.repeat([f"S{i}" for i in range(4)], per)[:n]
     g = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)
     coords = np.concatenate([g] * 4)[:n] * 100.0
-    obs = pd.DataFrame({"library_id": libs, "cancer_type": np.where(libs < "S2", "IDC", "PRAD"),
-                        "split": np.where(libs == "S3", "val", "train"), "pixel_size_um": 1.0},
-                       index=[f"c{i}" for i in range(n)])
+    obs = pd.DataFrame(
+        {
+            "library_id": libs,
+            "cancer_type": np.where(libs < "S2", "IDC", "PRAD"),
+            "split": np.where(libs == "S3", "val", "train"),
+            "pixel_size_um": 1.0,
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
     a = ad.AnnData(sp.csr_matrix(rng.poisson(2, size=(n, 50)).astype(np.float32)), obs=obs)
     a.var_names = [f"G{i}" for i in range(50)]
     a.layers["log1p"] = a.X.copy()
@@ -81,8 +87,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     ctx = mp.get_context("spawn")
-    rows = [("molf", "MoLF, 1 step, guidance w=2"), ("molf_10", "MoLF, 10 steps, guidance w=2"),
-            ("molf_bag", "MoLF, 1 step, w=2, no spatial context"), ("mlp", "MLP baseline")]
+    rows = [
+        ("molf", "MoLF, 1 step, guidance w=2"),
+        ("molf_10", "MoLF, 10 steps, guidance w=2"),
+        ("molf_bag", "MoLF, 1 step, w=2, no spatial context"),
+        ("mlp", "MLP baseline"),
+    ]
     print(f"threads={args.threads} repeats={args.repeats} (median), features 1280-d, 50 genes")
     print()
     print("| spots | model | seconds | spots/s | vs MLP | peak RSS (MB) |")

@@ -16,8 +16,6 @@ import logging
 import time
 import warnings
 
-import numpy as np
-
 import histoflow as hf
 
 
@@ -41,8 +39,10 @@ def main() -> None:
     hf.pp.select_genes(sd, flavor="hmhvg", n_top=args.genes, mask_obs=train)
     t = time.perf_counter()
     hf.pp.embed_patches(sd, patch_px=args.patch_px, show_progress_bar=False)
-    print(f"{table.n_obs} spots, {args.slides} slides, {int(table.var['histoflow_panel'].sum())} genes; "
-          f"embedding {time.perf_counter() - t:.0f} s; split {dict(table.obs['split'].value_counts())}")
+    print(
+        f"{table.n_obs} spots, {args.slides} slides, {int(table.var['histoflow_panel'].sum())} genes; "
+        f"embedding {time.perf_counter() - t:.0f} s; split {dict(table.obs['split'].value_counts())}"
+    )
 
     runs = [
         ("MoLF (MoE, window context)", "molf", {}),
@@ -57,8 +57,17 @@ def main() -> None:
         if cfg is None:
             hf.tl.fit_baseline(sd, kind=key, key_added=key, accelerator="cpu", devices=1, seed=args.seed)
         else:
-            hf.tl.fit_molf(sd, max_epochs=args.epochs, batch_size=128, accelerator="cpu", devices=1, seed=args.seed,
-                           key_added=key, train_kwargs={"show_progress_bar": False}, **cfg)
+            hf.tl.fit_molf(
+                sd,
+                max_epochs=args.epochs,
+                batch_size=128,
+                accelerator="cpu",
+                devices=1,
+                seed=args.seed,
+                key_added=key,
+                train_kwargs={"show_progress_bar": False},
+                **cfg,
+            )
         fit_s = time.perf_counter() - t
         res = hf.tl.evaluate(sd, pred_key=key, split="test", metrics=("pcc", "gsc", "ssc"), inplace=False)
         sel = res[(res["group"] == "all") & (res["gene_set"] == "all") & (res["aggregation"] == "per_slide")]

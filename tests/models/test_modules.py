@@ -165,3 +165,16 @@ def test_flow_loss_terms_and_gradients():
     out["loss"].backward()
     assert flow.condition.proj[1].weight.grad is not None
     np.testing.assert_allclose(out["aux"].item(), 0.0)
+
+
+def test_condition_router_ignores_state_and_time():
+    torch.manual_seed(0)
+    vel = VelocityField(4, 6, time_dim=8, n_experts=4, top_k=1, expert_width=8, router="condition").eval()
+    c = torch.randn(10, 6)
+    _, a = vel(torch.randn(10, 4), torch.zeros(1), c)
+    _, b = vel(torch.randn(10, 4) * 5, torch.full((1,), 0.7), c)
+    torch.testing.assert_close(a["weights"], b["weights"])
+    inp = VelocityField(4, 6, time_dim=8, n_experts=4, top_k=1, expert_width=8).eval()
+    assert inp.block.gate.in_features == 4 + 8 + 6 and vel.block.gate.in_features == 6
+    with pytest.raises(ValueError, match="router"):
+        VelocityField(4, 6, router="nope")

@@ -62,6 +62,7 @@ class MoLFConfig:
     expert_width: int = 256
     expert_heads: int = 4
     gate_noise: float = 1e-2
+    router: Literal["input", "condition"] = "input"
     p_uncond: float = 0.1
     p_meta_drop: float = 0.1
     lambda_flow: float = 1.0
@@ -329,6 +330,7 @@ class MoLF:
             expert_width=c.expert_width,
             expert_heads=c.expert_heads,
             gate_noise=c.gate_noise,
+            router=c.router,
         )
         self.flow = LatentFlow(cond, vel)
 

@@ -148,7 +148,9 @@ class VelocityField(nn.Module):
 
     Experts are MLPs (``expert="mlp"``, default) or small Transformers over the three input parts
     (``expert="transformer"``). The dense ablation uses one expert whose width (and, for Transformers, head count)
-    is ``n_experts`` times an expert's.
+    is ``n_experts`` times an expert's. The router sees the whole input, as in MoLF's ``G(z_t, t, c)``
+    (``router="input"``), or only the condition (``router="condition"``: each spot's experts depend on its image and
+    metadata, not on the time or the noise; on the eight-Gaussians task this routes by mode far better).
     """
 
     def __init__(
@@ -164,10 +166,12 @@ class VelocityField(nn.Module):
         expert_width: int = 256,
         expert_heads: int = 4,
         gate_noise: float = 1e-2,
-        gate_dim: int | None = None,
+        router: Literal["input", "condition"] = "input",
     ):
         super().__init__()
-        self.time_dim = time_dim
+        if router not in ("input", "condition"):
+            raise ValueError(f"`router` must be 'input' or 'condition', got {router!r}.")
+        self.time_dim, self.router = time_dim, router
         in_dim = latent_dim + time_dim + cond_dim
         self.norm = nn.LayerNorm(in_dim)
         segments = [latent_dim, time_dim, cond_dim]
@@ -186,7 +190,12 @@ class VelocityField(nn.Module):
 
         if velocity == "moe":
             self.block: nn.Module = MixtureOfExperts(
-                in_dim, factory(1), n_experts=n_experts, top_k=top_k, gate_noise=gate_noise, gate_dim=gate_dim
+                in_dim,
+                factory(1),
+                n_experts=n_experts,
+                top_k=top_k,
+                gate_noise=gate_noise,
+                gate_dim=cond_dim if router == "condition" else None,
             )
         elif velocity == "dense":
             self.block = DenseBlock(factory(n_experts))
@@ -199,4 +208,6 @@ class VelocityField(nn.Module):
         """Velocity ``(B, latent_dim)`` and routing info."""
         t = t.reshape(-1).expand(z.shape[0]) if t.numel() == 1 else t.reshape(-1)
         x = self.norm(torch.cat([z, timestep_embedding(t, self.time_dim), c], dim=-1))
+        if gate_input is None and self.router == "condition":
+            gate_input = c
         return self.block(x, gate_input)
