@@ -31,6 +31,18 @@ copy
     "doc_library_key": """\
 library_key
         ``obs`` column naming the slide of each spot.""",
+    "doc_metric_arrays": """\
+y_true
+        Measured expression, spots × genes.
+    y_pred
+        Predicted expression, same shape.""",
+    "doc_metric_groups": """\
+y_true
+        Measured expression, spots × genes.
+    y_pred
+        Predicted expression, same shape.
+    groups
+        Slide label of each spot; ``None``: one slide.""",
     "doc_patch_params": """\
 image_key
         Image element to use (or a mapping library → image element); by default the finest image sharing a

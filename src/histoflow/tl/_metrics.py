@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from histoflow._constants import Key
+from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import get_table
 from histoflow._validate import check_choice, check_finite, check_obs_key, check_obsm_key
@@ -361,6 +362,7 @@ def _unit_stats(t: np.ndarray, p: np.ndarray, index: list[np.ndarray]) -> list[G
 # PCC, errors, RVD
 
 
+@doc_params()
 def pcc_per_gene(y_true: Any, y_pred: Any) -> np.ndarray:
     """Pearson correlation coefficient of each gene across spots.
 
@@ -369,10 +371,7 @@ def pcc_per_gene(y_true: Any, y_pred: Any) -> np.ndarray:
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
+    {doc_metric_arrays}
 
     Returns
     -------
@@ -383,6 +382,7 @@ def pcc_per_gene(y_true: Any, y_pred: Any) -> np.ndarray:
     return GeneStats.of(t, p).pcc()
 
 
+@doc_params()
 def pcc(
     y_true: Any,
     y_pred: Any,
@@ -403,10 +403,7 @@ def pcc(
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
+    {doc_metric_arrays}
     groups
         Slide label of each spot; ``None``: one slide (both aggregations agree).
     aggregation
@@ -445,17 +442,13 @@ def _error(
     return float(np.mean([e[i].mean(dtype=np.float64) for i in index]))
 
 
+@doc_params()
 def mse(y_true: Any, y_pred: Any, *, groups: Any = None, aggregation: Aggregation = "per_slide") -> float:
     """Mean squared error ``mean_{i,g} (p_ig - t_ig)^2`` over spots and genes.
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
-    groups
-        Slide label of each spot; ``None``: one slide.
+    {doc_metric_groups}
     aggregation
         ``"per_slide"``: the MSE of each slide, then the mean over slides; ``"pooled"``: over all entries.
 
@@ -466,17 +459,13 @@ def mse(y_true: Any, y_pred: Any, *, groups: Any = None, aggregation: Aggregatio
     return _error(y_true, y_pred, groups, aggregation, squared=True)
 
 
+@doc_params()
 def mae(y_true: Any, y_pred: Any, *, groups: Any = None, aggregation: Aggregation = "per_slide") -> float:
     """Mean absolute error ``mean_{i,g} |p_ig - t_ig|`` over spots and genes.
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
-    groups
-        Slide label of each spot; ``None``: one slide.
+    {doc_metric_groups}
     aggregation
         ``"per_slide"``: the MAE of each slide, then the mean over slides; ``"pooled"``: over all entries.
 
@@ -487,6 +476,7 @@ def mae(y_true: Any, y_pred: Any, *, groups: Any = None, aggregation: Aggregatio
     return _error(y_true, y_pred, groups, aggregation, squared=False)
 
 
+@doc_params()
 def rvd(y_true: Any, y_pred: Any, *, groups: Any = None, aggregation: Aggregation = "per_slide") -> float:
     """Relative variance difference (Stem): ``mean_g (var_pred_g - var_true_g)^2 / var_true_g^2``.
 
@@ -496,12 +486,7 @@ def rvd(y_true: Any, y_pred: Any, *, groups: Any = None, aggregation: Aggregatio
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
-    groups
-        Slide label of each spot; ``None``: one slide.
+    {doc_metric_groups}
     aggregation
         ``"per_slide"``: the RVD of each slide (variances over its spots), then the mean over slides;
         ``"pooled"``: variances over all spots.
@@ -568,6 +553,7 @@ def gene_correlation(X: Any) -> np.ndarray:
     return C
 
 
+@doc_params()
 def gsc(y_true: Any, y_pred: Any, *, groups: Any = None, aggregation: Aggregation = "per_slide") -> float:
     """Gene structural correlation: agreement of the predicted and true gene–gene correlation structure.
 
@@ -581,12 +567,7 @@ def gsc(y_true: Any, y_pred: Any, *, groups: Any = None, aggregation: Aggregatio
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
-    groups
-        Slide label of each spot; ``None``: one slide.
+    {doc_metric_groups}
     aggregation
         ``"per_slide"``: correlation matrices over each slide's spots, GSC per slide, then the mean over slides;
         ``"pooled"``: correlation matrices over all spots.
@@ -710,6 +691,7 @@ def morans_i(X: Any, connectivity: Any) -> np.ndarray:
     return _moran_from(X.shape[0], q.A, np.einsum("ij,ij->j", Z, Z), q.D, np.ptp(X, axis=0) == 0)
 
 
+@doc_params()
 def ssc(
     y_true: Any,
     y_pred: Any,
@@ -729,10 +711,7 @@ def ssc(
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
+    {doc_metric_arrays}
     connectivity
         Spots × spots spatial connectivity (:func:`spatial_connectivity`). Edges between slides should not exist.
     groups
@@ -891,6 +870,7 @@ def _w1_sorted(a_sorted: np.ndarray, b_sorted: np.ndarray, axis: int) -> np.ndar
     return diff.mean(axis=axis, dtype=np.float64)
 
 
+@doc_params()
 def wasserstein_per_gene(y_true: Any, y_pred: Any) -> np.ndarray:
     """1-Wasserstein distance between the true and predicted distributions of each gene over spots.
 
@@ -899,10 +879,7 @@ def wasserstein_per_gene(y_true: Any, y_pred: Any) -> np.ndarray:
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
+    {doc_metric_arrays}
 
     Returns
     -------
@@ -912,6 +889,7 @@ def wasserstein_per_gene(y_true: Any, y_pred: Any) -> np.ndarray:
     return _w1_sorted(np.sort(t, axis=0), np.sort(p, axis=0), axis=0)
 
 
+@doc_params()
 def wasserstein_per_spot(y_true: Any, y_pred: Any) -> np.ndarray:
     """1-Wasserstein distance between the true and predicted distributions of expression values within each spot.
 
@@ -920,10 +898,7 @@ def wasserstein_per_spot(y_true: Any, y_pred: Any) -> np.ndarray:
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
+    {doc_metric_arrays}
 
     Returns
     -------
@@ -933,15 +908,13 @@ def wasserstein_per_spot(y_true: Any, y_pred: Any) -> np.ndarray:
     return _w1_sorted(np.sort(t, axis=1), np.sort(p, axis=1), axis=1)
 
 
+@doc_params()
 def cosine_distance_per_spot(y_true: Any, y_pred: Any) -> np.ndarray:
     """Cosine distance ``1 - <t_i, p_i> / (|t_i| |p_i|)`` between the true and predicted profile of each spot.
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
+    {doc_metric_arrays}
 
     Returns
     -------
@@ -962,17 +935,13 @@ def _cosine_rows(t: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.where((nt > 0) & (npred > 0), np.clip(d, 0.0, 2.0), np.nan)
 
 
+@doc_params()
 def cosine_distance(y_true: Any, y_pred: Any, *, groups: Any = None, aggregation: Aggregation = "per_slide") -> float:
     """Mean cosine distance between the true and predicted profiles of the spots (MoLF's filter-and-rank ``D_cos``).
 
     Parameters
     ----------
-    y_true
-        Measured expression, spots × genes.
-    y_pred
-        Predicted expression, same shape.
-    groups
-        Slide label of each spot; ``None``: one slide.
+    {doc_metric_groups}
     aggregation
         ``"per_slide"``: mean over each slide's spots, then over slides; ``"pooled"``: mean over all spots.
 
