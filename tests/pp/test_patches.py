@@ -291,10 +291,11 @@ def test_embed_on_two_cpu_processes_matches_single_process(sdata):
 
 def test_slides_are_dealt_by_size():
     from histoflow.io._resolve import Slide
-    from histoflow.pp._distributed import _deal, default_strategy
+    from histoflow.models._train import default_strategy
+    from histoflow.pp._distributed import _deal
 
     slides = [Slide(str(i), np.arange(n), np.zeros((n, 2)), 1.0) for i, n in enumerate([10, 8, 3, 2, 1])]
     r0, r1 = _deal(slides, 2, 0), _deal(slides, 2, 1)
     assert sorted(s.library_id for s in r0 + r1) == ["0", "1", "2", "3", "4"]
     assert abs(sum(len(s.rows) for s in r0) - sum(len(s.rows) for s in r1)) <= 3
-    assert default_strategy(1) is None and default_strategy(2) == "ddp_spawn"
+    assert default_strategy("cpu", 1) == "auto" and default_strategy("cpu", 2) == "ddp_spawn"

@@ -7,7 +7,6 @@ torch and Lightning; :mod:`histoflow.pp` imports it only when ``devices`` is giv
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,16 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from histoflow.io._resolve import Slide
 from histoflow.pp._patches import _Preprocess, iter_patches
 
-__all__ = ["embed_distributed", "default_strategy"]
-
-
-def default_strategy(devices: Any) -> str | None:
-    """``ddp_notebook`` in interactive sessions (``ddp_spawn`` cannot run there), ``ddp_spawn`` otherwise."""
-    n = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else None
-    if n is not None and n <= 1:
-        return None
-    interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive) or "ipykernel" in sys.modules
-    return "ddp_notebook" if interactive else "ddp_spawn"
+__all__ = ["embed_distributed"]
 
 
 def _deal(slides: Sequence[Slide], world: int, rank: int) -> list[Slide]:

@@ -317,7 +317,8 @@ def embed_patches(
     t_encode = 0.0
     t0 = time.perf_counter()
     if devices is not None:
-        from histoflow.pp._distributed import default_strategy, embed_distributed
+        from histoflow.models._train import default_strategy
+        from histoflow.pp._distributed import embed_distributed
 
         feats = embed_distributed(
             slides,
@@ -329,7 +330,7 @@ def embed_patches(
             max_read_pixels=max_read_pixels,
             accelerator=accelerator,
             devices=devices,
-            strategy=strategy or default_strategy(devices),
+            strategy=strategy or default_strategy(accelerator, devices, num_nodes),
             num_nodes=num_nodes,
             show_progress_bar=show_progress_bar,
         )

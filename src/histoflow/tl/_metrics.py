@@ -750,6 +750,7 @@ def _technology_grid(technology: str) -> tuple[str, int]:
     return "generic", 6
 
 
+@doc_params()
 def spatial_connectivity(
     sdata: SpatialData | AnnData,
     *,
@@ -769,10 +770,7 @@ def spatial_connectivity(
 
     Parameters
     ----------
-    sdata
-        A SpatialData object or an AnnData table.
-    table_key
-        Name of the table in ``sdata.tables``; ignored for AnnData input.
+    {doc_sdata}
     library_key
         ``obs`` column naming the slide of each spot; ``None``: one slide.
     spatial_key
