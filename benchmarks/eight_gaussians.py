@@ -1,6 +1,7 @@
 """MoLF Table 1: conditional eight Gaussians, MoE-Transformer velocity vs the dense Transformer ablation.
 
-    python benchmarks/eight_gaussians.py [--seeds 0 1 2] [--steps 1500] [--quick] [--models moe moe-cond dense]
+    python benchmarks/eight_gaussians.py --threads 1 [--seeds 0 1 2] [--steps 1500] [--quick]
+        [--models moe moe-cond dense moe-oracle]
 
 Setting (MoLF section 4.1 and appendix A.3): ``c = (cos θ, sin θ)``, ``z ~ N(μ_k, 0.01 I)`` with the eight means
 on a ring of radius 3 (``histoflow.datasets.eight_gaussians``). The condition enters the velocity field directly
@@ -11,11 +12,17 @@ sampled with ``LatentFlow.sample`` (Euler from N(0, I)):
 - MoE: ``velocity="moe"``, 8 experts, top-1, each expert a 1-layer 1-head Transformer of width 32 over the
   tokens ``[z_t, time embedding, c]``; loss = flow MSE + ``λ_aux`` · load-balancing loss;
 - dense: ``velocity="dense"``, one 1-layer Transformer with 8 heads and width 256 (same depth, 8× the width);
-- MoE, router on c (``moe-cond``, an investigation, not MoLF's published setting): the same MoE, but the router
-  sees ``c`` alone (``router="condition"``) rather than ``LayerNorm([z_t, 64-d time embedding, c])``, whose 68
-  inputs are
-  mostly the time embedding. With top-1 the gate weight is always 1, so the router learns from the load-balancing
-  loss only, never from the flow loss; routing on ``c`` is the only way it can split the experts by mode.
+- MoE, router on c (``moe-cond``, not MoLF's published setting): the same MoE, but the router sees ``c`` alone
+  (``router="condition"``) rather than ``LayerNorm([z_t, 64-d time embedding, c])``, whose 68 inputs are mostly
+  the time embedding.
+
+Top-1 gating is Switch-Transformer style (``MixtureOfExperts``): the chosen expert's output is scaled by its full
+softmax probability, so the router learns from the flow loss (a renormalised top-1 gate is identically 1 and would
+leave the router to the load-balancing loss alone).
+
+- MoE, oracle routing (``moe-oracle``, a diagnostic, not a method): the same experts, each spot sent with weight 1
+  to the expert of its true mode (``router="cancer_type"`` with the mode index as the metadata code). It measures
+  what the experts can do when routing is solved, i.e. how much of the MoE's error is the router's.
 
 Metrics on held-out conditions (one generated sample per test condition, compared with the true sample drawn
 for the same conditions):
@@ -98,14 +105,16 @@ def make_velocity(kind: str, cfg: Config) -> VelocityField:
         return VelocityField(velocity="moe", top_k=1, gate_noise=cfg.gate_noise, **common)
     if kind == "moe-cond":
         return VelocityField(velocity="moe", top_k=1, gate_noise=cfg.gate_noise, router="condition", **common)
+    if kind == "moe-oracle":  # hard routing by the true mode (the mode index as a metadata code)
+        return VelocityField(velocity="moe", router="cancer_type", metadata_sizes=[8], **common)
     return VelocityField(velocity="dense", **common)
 
 
 def train(kind: str, seed: int, cfg: Config) -> tuple[LatentFlow, float, float]:
     """Train one model; returns it, the training time in seconds and the mean flow loss of the last 10% of steps."""
     torch.manual_seed(seed)
-    c, z, _ = eight_gaussians(cfg.n_train, seed=seed)
-    c, z = torch.from_numpy(c), torch.from_numpy(z)
+    c, z, mode = eight_gaussians(cfg.n_train, seed=seed)
+    c, z, mode = torch.from_numpy(c), torch.from_numpy(z), torch.from_numpy(mode)[:, None]
     model = LatentFlow(IdentityCondition(), make_velocity(kind, cfg))
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -117,8 +126,9 @@ def train(kind: str, seed: int, cfg: Config) -> tuple[LatentFlow, float, float]:
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         idx = torch.randint(0, cfg.n_train, (cfg.batch_size,), generator=gen)
+        batch = {"z1": z[idx], "feats": c[idx]} | ({"meta": mode[idx]} if kind == "moe-oracle" else {})
         out = model.loss(
-            {"z1": z[idx], "feats": c[idx]}, nn.Identity(), p_uncond=0.0, lambda_gene=0.0, lambda_aux=cfg.lambda_aux
+            batch, nn.Identity(), p_uncond=0.0, p_meta_drop=0.0, lambda_gene=0.0, lambda_aux=cfg.lambda_aux
         )
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -161,7 +171,8 @@ def evaluate(model: LatentFlow, seed: int, cfg: Config, steps: int) -> tuple[dic
     cond, true, mode = eight_gaussians(cfg.n_test, seed=TEST_SEED)
     g = torch.Generator().manual_seed(seed + 1)
     z0 = torch.randn(cfg.n_test, 2, generator=g)
-    out = model.sample(torch.from_numpy(cond), z0, steps=steps)
+    meta = torch.from_numpy(mode)[:, None] if model.velocity.uses_metadata else None  # the oracle router only
+    out = model.sample(torch.from_numpy(cond), z0, meta=meta, steps=steps)
     weights = out["routing"].numpy()
     load = (weights > 0).mean(0)
     expert = weights.argmax(1)
@@ -188,6 +199,7 @@ NAMES = {
     "moe": "MoE (8 × w32 1-head, top-1)",
     "moe-cond": "MoE, router on c only",
     "dense": "dense (w256 8-head)",
+    "moe-oracle": "MoE, oracle routing by mode",
 }
 
 
@@ -196,7 +208,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default {Config.steps}; 300 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke run: 300 steps, 1000 test conditions")
-    p.add_argument("--models", nargs="+", default=list(NAMES), choices=list(NAMES), help="default: all three")
+    p.add_argument("--models", nargs="+", default=list(NAMES), choices=list(NAMES), help="default: all")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {Config.lr})")
     p.add_argument("--lambda-aux", type=float, default=None, help=f"MoE aux weight (default {Config.lambda_aux})")
     p.add_argument("--gate-noise", type=float, default=None, help=f"router noise std (default {Config.gate_noise})")

@@ -1,12 +1,15 @@
 """Held-out accuracy and time of MoLF against its ablations and the baselines on ``datasets.synthetic``.
 
     python benchmarks/synthetic.py [--slides 9] [--grid 12] [--epochs 100] [--patch-px 224] [--seed 0]
+        [--scvi-latent-dim 32] [--methods molf molf_scvi ridge ...]
 
 Slides are split by ``pp.split_slides`` (stratified by cancer type; train / val / test), genes are the top HMHVG
 chosen on the training slides, features come from ``pp.embed_patches`` with EfficientNet-Lite0. Every method is
 trained on the train slides (early stopping on val) and scored on the test slides with ``tl.evaluate``
 (PCC per slide, GSC, SSC), with its training and prediction time. Rows: MoLF (MoE, spatial window), MoLF without
-spatial context, dense velocity (same depth, n_experts × width), MLP and ridge (HEST probe).
+spatial context, dense velocity (same depth, n_experts × width), MoLF with scvi-tools' SCVI as Stage I
+(``latent="scvi"``: raw counts, slide as batch; its own latent size ``--scvi-latent-dim``; needs
+``histoflow[scvi]``), MLP and ridge (HEST probe). ``--methods`` runs a subset (keys as in the list below).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--patch-px", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scvi-latent-dim", type=int, default=32)
+    p.add_argument("--methods", nargs="+", default=None, help="keys of the rows to run (default: all)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -48,9 +53,15 @@ def main() -> None:
         ("MoLF (MoE, window context)", "molf", {}),
         ("MoLF, no spatial context", "molf_bag", {"spatial_context": None}),
         ("MoLF, dense velocity", "molf_dense", {"velocity": "dense"}),
+        ("MoLF, scvi latent (molf-scvi)", "molf_scvi", {"latent": "scvi", "latent_dim": args.scvi_latent_dim}),
         ("MLP", "mlp", None),
         ("ridge (HEST probe)", "ridge", None),
     ]
+    if args.methods is not None:
+        unknown = sorted(set(args.methods) - {key for _, key, _ in runs})
+        if unknown:
+            p.error(f"unknown --methods {unknown}; choose from {[key for _, key, _ in runs]}")
+        runs = [r for r in runs if r[1] in args.methods]
     rows = []
     for label, key, cfg in runs:
         t = time.perf_counter()

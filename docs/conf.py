@@ -119,12 +119,14 @@ typehints_fixup_module_name = _fixup_module_name
 intersphinx_mapping = {
     "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
     "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
+    "scvi": ("https://docs.scvi-tools.org/en/stable/", None),
     "squidpy": ("https://squidpy.readthedocs.io/en/stable/", None),
     "spatialdata": ("https://spatialdata.scverse.org/en/stable/", None),
     "torch": ("https://docs.pytorch.org/docs/stable/", None),
     "numpy": ("https://numpy.org/doc/stable/", None),
     "pandas": ("https://pandas.pydata.org/pandas-docs/stable/", None),
     "scipy": ("https://docs.scipy.org/doc/scipy/", None),
+    "matplotlib": ("https://matplotlib.org/stable/", None),
     "python": ("https://docs.python.org/3", None),
 }
 intersphinx_timeout = 10

@@ -49,4 +49,7 @@ def _torch_threads():
         import torch
     except ImportError:  # pragma: no cover
         return
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # one OpenMP team per core: with `pytest -n 2` on 2 cores, two threads per worker oversubscribe the machine and
+    # OpenMP's spinning barriers then make every step tens of times slower
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))

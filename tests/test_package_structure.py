@@ -9,7 +9,7 @@ import pytest
 
 import histoflow as hf
 
-NAMESPACES = ["io", "datasets", "pp", "tl"]
+NAMESPACES = ["io", "datasets", "pp", "tl", "pl", "get"]
 
 
 def _public_functions():

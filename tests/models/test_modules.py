@@ -120,10 +120,10 @@ class _Counting(torch.nn.Module):
         super().__init__()
         self.inner, self.calls, self.rows = inner, 0, []
 
-    def forward(self, z, t, c, gate_input=None):
+    def forward(self, z, t, c, gate_input=None, **kwargs):
         self.calls += 1
         self.rows.append(z.shape[0])
-        return self.inner(z, t, c, gate_input)
+        return self.inner(z, t, c, gate_input, **kwargs)
 
 
 def test_one_step_is_one_velocity_evaluation_and_guidance_batches_two_passes():
@@ -178,3 +178,20 @@ def test_condition_router_ignores_state_and_time():
     assert inp.block.gate.in_features == 4 + 8 + 6 and vel.block.gate.in_features == 6
     with pytest.raises(ValueError, match="router"):
         VelocityField(4, 6, router="nope")
+
+
+def test_window_context_computes_only_the_centre_token_exactly():
+    """The centre-only last layer equals the full Transformer's first output token (1 and 2 layers, padding)."""
+    torch.manual_seed(0)
+    for layers in (1, 2):
+        enc = ConditionEncoder(32, 64, spatial_context="window", context_layers=layers).eval()
+        h = torch.randn(5, 9, 64)
+        off = torch.randn(5, 9, 2) * 100
+        valid = torch.ones(5, 9, dtype=torch.bool)
+        valid[1, 4:] = False
+        valid[3, 1:] = False  # a spot with no neighbour
+        hh = h + sinusoidal_2d(off, 64)
+        full = enc.context(hh, src_key_padding_mask=~valid)[:, 0]
+        torch.testing.assert_close(enc._window_centre(hh, ~valid), full, atol=1e-5, rtol=1e-5)
+        c, _ = enc.forward_projected(h, off, valid)
+        torch.testing.assert_close(c, enc.context_norm(full), atol=1e-5, rtol=1e-5)

@@ -4,6 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
+from _model_data import molf_table
 from anndata import AnnData
 
 import histoflow as hf
@@ -24,42 +26,7 @@ SMALL = {
 TRAIN = {"show_progress_bar": False, "patience": 5}
 
 
-def _table(seed: int = 0, n_per_slide: int = 36, n_genes: int = 12) -> AnnData:
-    """Six slides on 6×6 grids, three cancer types; features carry (noisily) the expression programs."""
-    rng = np.random.default_rng(seed)
-    rows, obs = [], []
-    for s in range(6):
-        g = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2)[:n_per_slide]
-        prog = np.column_stack([np.sin(g[:, 0] / 2 + s), np.cos(g[:, 1] / 2 - s)])
-        rows.append((g * 100.0, prog))
-        ct = ["IDC", "PRAD", "COAD"][s % 3]
-        obs.append(
-            pd.DataFrame(
-                {
-                    "library_id": f"S{s}",
-                    "cancer_type": ct,
-                    "patient": f"P{s}",
-                    "split": ["train", "train", "train", "val", "val", "test"][s],
-                },
-                index=[f"S{s}_{i}" for i in range(len(g))],
-            )
-        )
-    obs = pd.concat(obs)
-    coords = np.concatenate([r[0] for r in rows])
-    prog = np.concatenate([r[1] for r in rows])
-    load = rng.normal(size=(2, n_genes))
-    logmu = 1.0 + prog @ load * 0.8
-    counts = rng.poisson(np.exp(logmu)).astype(np.float32)
-    a = AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
-    a.obs["pixel_size_um"] = 1.0
-    a.obsm["spatial"] = coords
-    a.obsm["X_feat"] = np.concatenate([prog, rng.normal(size=(len(obs), 6))], 1).astype(np.float32) @ rng.normal(
-        size=(8, 16)
-    ).astype(np.float32)
-    for c in ("library_id", "cancer_type", "split"):
-        a.obs[c] = a.obs[c].astype("category")
-    hf.pp.normalize(a)
-    return a
+_table = molf_table
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +176,34 @@ def test_variants_and_gene_mask():
 
     _, mask = targets(a, list(a.var_names), "log1p", np.arange(a.n_obs))
     assert not mask[a.obs["library_id"] == "S0", 0].any() and mask[a.obs["library_id"] != "S0", 0].all()
+
+
+def test_vae_extra_spots_train_stage_one_only():
+    from histoflow.models._molf import _extra_targets
+
+    a = _table()
+    extra = _table(seed=3)[:, ["G0", "G1", "G2"]].copy()  # an expression-only table measuring 3 of the 12 genes
+    del extra.obsm["X_feat"]
+    got = _extra_targets(extra, list(a.var_names), "log1p", "library_id")
+    assert got["x"].shape == (extra.n_obs, a.n_vars)
+    assert got["mask"][:, :3].all() and not got["mask"][:, 3:].any()  # missing genes masked, never zeros counted
+    np.testing.assert_allclose(
+        got["x"][:, :3],
+        extra.layers["log1p"].toarray() if sp.issparse(extra.layers["log1p"]) else extra.layers["log1p"],
+    )
+
+    def fit(**kw):
+        m = MoLF(a, embedding_key="X_feat", **SMALL)
+        return m.train(2, batch_size=64, accelerator="cpu", devices=1, **TRAIN, **kw)
+
+    plain, more = fit(), fit(vae_extra=extra)
+    w0, w1 = plain.vae.decoder[0].weight, more.vae.decoder[0].weight
+    assert not torch.equal(w0, w1)  # Stage I saw more spots
+    assert len(more.history["flow"]) == len(plain.history["flow"]) == 2
+    with pytest.raises(TypeError, match="vae_extra"):
+        MoLF(a, embedding_key="X_feat", **SMALL).train(1, vae_extra=extra.to_df(), **TRAIN)
+    with pytest.raises(ValueError, match="none of the model's panel genes"):
+        MoLF(a, embedding_key="X_feat", **SMALL).train(1, vae_extra=extra[:, []].copy(), **TRAIN)
 
 
 def test_bad_inputs():

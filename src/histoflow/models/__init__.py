@@ -13,6 +13,16 @@ _LAZY: dict[str, str] = {
     # MoLF
     "MoLF": "histoflow.models._molf",
     "MoLFConfig": "histoflow.models._molf",
+    # FLAG-style gene-token flow with representation alignment
+    "FLAG": "histoflow.models._flag",
+    "FLAGConfig": "histoflow.models._flag",
+    # building blocks (torch modules)
+    "GeneVAE": "histoflow.models._vae",
+    "ConditionEncoder": "histoflow.models._velocity",
+    "GraphContextEncoder": "histoflow.models._graph",
+    "VelocityField": "histoflow.models._velocity",
+    "MixtureOfExperts": "histoflow.models._moe",
+    "LatentFlow": "histoflow.models._flow",
     # baselines and training utilities
     "RidgeProbe": "histoflow.models._baselines",
     "MLPBaseline": "histoflow.models._baselines",

@@ -155,17 +155,21 @@ def metadata_codes(
     """Integer codes ``(len(rows), len(keys))`` of metadata columns, and their categories.
 
     With ``categories`` (from a trained model), values outside them raise an error naming them, unless
-    ``allow_unknown`` maps them to the learned null token (code ``-1``).
+    ``allow_unknown`` maps them to the learned null token (code ``-1``). Missing values (NaN/None) are not a
+    category: they always get the null token (code ``-1``), in training as at prediction.
     """
     out = np.zeros((len(rows), len(keys)), dtype=np.int64)
     cats: dict[str, list[str]] = {}
     for j, key in enumerate(keys):
         check_obs_key(table, key, "metadata key", hint=f"Add `adata.obs[{key!r}]` or drop it from the metadata keys.")
-        values = table.obs[key].astype(str).to_numpy()[rows]
-        known = list(categories[key]) if categories is not None else sorted(pd.unique(values).tolist())
+        column = table.obs[key].iloc[rows]
+        missing = column.isna().to_numpy()
+        values = column.astype(str).to_numpy()
+        known = list(categories[key]) if categories is not None else sorted(pd.unique(values[~missing]).tolist())
         codes = pd.Index(known).get_indexer(values)
-        if (codes < 0).any():
-            unseen = sorted(set(values[codes < 0]))
+        codes[missing] = -1
+        if ((codes < 0) & ~missing).any():
+            unseen = sorted(set(values[(codes < 0) & ~missing]))
             if not allow_unknown:
                 raise ValueError(
                     f"`adata.obs[{key!r}]` has values the model was not trained on: {unseen[:5]} (known: {known}). "

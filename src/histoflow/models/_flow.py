@@ -25,6 +25,13 @@ class LatentFlow(nn.Module):
 
     Sampling (:meth:`sample`): Euler from t = 0 to 1 in ``steps`` velocity evaluations; with guidance ``w ≠ 1`` each
     evaluation is ``v_u + w (v_c − v_u)`` (conditional and null branches batched into one forward pass).
+
+    Metadata routers (``router="image+metadata"`` or ``"cancer_type"`` in :class:`VelocityField`) also get the
+    metadata codes. In training they see the same codes as the condition encoder (after metadata dropout), and rows
+    whose condition is dropped for guidance get code ``-1`` in every field; in sampling the null branch routes by
+    code ``-1`` too. So the unconditional velocity ``v_u`` is unconditional in its routing as well: the
+    ``"cancer_type"`` router mixes all experts uniformly there, the ``"image+metadata"`` router sees the null
+    condition and the null metadata embeddings.
     """
 
     def __init__(self, condition: ConditionEncoder, velocity: VelocityField):
@@ -59,7 +66,10 @@ class LatentFlow(nn.Module):
         z0 = torch.randn(z1.shape, device=dev, generator=generator)
         t = torch.rand(b, 1, device=dev, generator=generator)
         zt = (1 - t) * z0 + t * z1
-        v, info = self.velocity(zt, t, c)
+        route_meta = None
+        if meta is not None and getattr(self.velocity, "uses_metadata", False):
+            route_meta = torch.where(drop[:, None], torch.full_like(meta, -1), meta)  # the null branch is unconditional
+        v, info = self.velocity(zt, t, c) if route_meta is None else self.velocity(zt, t, c, meta=route_meta)
         flow = torch.mean((v - (z1 - z0)) ** 2)
         gene = masked_mse(decoder(zt + (1 - t) * v), batch["x"], batch.get("mask")) if lambda_gene > 0 else flow * 0
         total = lambda_flow * flow + lambda_gene * gene + lambda_aux * info["aux"]
@@ -71,11 +81,15 @@ class LatentFlow(nn.Module):
         c: torch.Tensor,
         z0: torch.Tensor,
         *,
+        meta: torch.Tensor | None = None,
         steps: int = 1,
         guidance: float = 1.0,
         record: bool = False,
     ) -> dict[str, Any]:
         """Integrate from noise ``z0`` ``(B, L)`` under conditions ``c`` ``(B, C)``.
+
+        ``meta`` ``(B, F)``: metadata codes for a metadata router (``-1`` = unknown; the null branch of guidance
+        always routes by ``-1``); ignored by the other routers.
 
         Returns ``z1`` ``(B, L)``, ``routing`` (gate weights of the conditional branch at t = 0, ``(B, E)``) and,
         with ``record``, ``trajectory`` ``(steps + 1, B, L)``.
@@ -85,6 +99,9 @@ class LatentFlow(nn.Module):
         guided = guidance != 1.0
         null = self.condition.null.expand_as(c)
         cc = torch.cat([c, null]) if guided else c
+        mm = None
+        if meta is not None and getattr(self.velocity, "uses_metadata", False):
+            mm = torch.cat([meta, torch.full_like(meta, -1)]) if guided else meta
         z = z0
         traj = [z0] if record else None
         routing = None
@@ -92,7 +109,7 @@ class LatentFlow(nn.Module):
         for s in range(steps):
             t = torch.full((1,), s * dt, device=z.device)
             zz = torch.cat([z, z]) if guided else z
-            v, info = self.velocity(zz, t, cc)
+            v, info = self.velocity(zz, t, cc) if mm is None else self.velocity(zz, t, cc, meta=mm)
             if guided:
                 v_c, v_u = v.chunk(2)
                 v = v_u + guidance * (v_c - v_u)

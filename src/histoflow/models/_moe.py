@@ -51,12 +51,28 @@ class TokenTransformerExpert(nn.Module):
 
 
 class MixtureOfExperts(nn.Module):
-    """Sparse top-k mixture of experts.
+    r"""Sparse top-k mixture of experts.
 
-    ``y = Σ_i g_i(x) E_i(x)`` where the gate keeps the ``top_k`` largest logits of a linear router (Gaussian noise of
-    std ``gate_noise`` added during training) and renormalises them with a softmax; each expert runs only on the
-    inputs routed to it. The load-balancing loss is the Switch-Transformer form ``E · Σ_i f_i P_i`` (f_i = fraction of
-    routing slots given to expert i, P_i = mean router probability of i), which is 1 under perfectly uniform routing.
+    ``y = Σ_i g_i(x) E_i(x)``; each expert runs only on the inputs routed to it. With router logits
+    ``l = W r + b`` (``r`` the router input: ``x``, or ``gate_input`` when given), plus Gaussian noise of std
+    ``gate_noise`` in training, router probabilities ``p = softmax(l)`` and ``S`` the indices of the ``top_k``
+    largest logits, the gates are
+
+    - ``renormalize=True`` (the default for ``top_k > 1``; Shazeer et al. 2017, GShard): ``g_i = p_i / Σ_{j∈S} p_j``
+      for ``i ∈ S`` (the softmax over the kept logits), 0 otherwise;
+    - ``renormalize=False`` (the default for ``top_k = 1``; Switch Transformer, Fedus et al. 2022):
+      ``g_i = p_i`` for ``i ∈ S``, 0 otherwise.
+
+    With top-1 the renormalised gate is always exactly 1, so the router would get no gradient from the task loss
+    (only from the load-balancing loss); scaling the chosen expert by its full softmax probability gives it one.
+
+    Losses in ``info``: ``aux``, the Switch-Transformer load-balancing loss ``E · Σ_i f_i P_i`` (``f_i`` = fraction of
+    routing slots given to expert i, ``P_i`` = mean router probability of i; 1 under perfectly uniform routing), and
+    ``z_loss``, the router z-loss of ST-MoE (Zoph et al. 2022), ``mean(logsumexp(l)²)``, which keeps the logits small
+    (add it to the objective with a small weight, e.g. 1e-3, if the logits drift).
+
+    ``forward(x, weights=...)`` bypasses the learned router with given routing weights (hard routing, e.g. one
+    expert per cancer type); with ``gate_dim=0`` the module has no learned router and always needs them.
 
     Parameters
     ----------
@@ -71,7 +87,10 @@ class MixtureOfExperts(nn.Module):
     gate_noise
         Std of the router-logit noise in training.
     gate_dim
-        Size of a separate router input (e.g. image features and metadata for metadata-aware routing).
+        Size of a separate router input (e.g. the condition only, or image features and metadata); ``0``: no learned
+        router (routing weights are passed to :meth:`forward`).
+    renormalize
+        Renormalise the kept gates to sum to 1 (see above); default ``top_k > 1``.
     """
 
     def __init__(
@@ -82,44 +101,75 @@ class MixtureOfExperts(nn.Module):
         top_k: int = 2,
         gate_noise: float = 1e-2,
         gate_dim: int | None = None,
+        renormalize: bool | None = None,
     ):
         super().__init__()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"`top_k` must be between 1 and `n_experts`={n_experts}, got {top_k}.")
+        if gate_noise < 0:
+            raise ValueError(f"`gate_noise` must be non-negative, got {gate_noise}.")
         self.n_experts, self.top_k, self.gate_noise = n_experts, top_k, gate_noise
-        self.gate = nn.Linear(gate_dim or in_dim, n_experts)
+        self.renormalize = top_k > 1 if renormalize is None else bool(renormalize)
+        self.gate = nn.Linear(in_dim if gate_dim is None else gate_dim, n_experts) if gate_dim != 0 else None
         self.experts = nn.ModuleList(make_expert() for _ in range(n_experts))
 
-    def route(self, gate_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sparse gate weights ``(B, E)``, router probabilities ``(B, E)`` and the top-k indices ``(B, k)``."""
+    def route(self, gate_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gates (mixing weights ``g``), router probabilities, top-k indices ``(B, k)`` and logits, ``(B, E)`` each."""
+        if self.gate is None:
+            raise ValueError("This mixture of experts has no learned router (`gate_dim=0`): pass `weights`.")
         logits = self.gate(gate_input)
         if self.training and self.gate_noise > 0:
             logits = logits + torch.randn_like(logits) * self.gate_noise
-        top_v, top_i = logits.topk(self.top_k, dim=-1)
-        weights = torch.zeros_like(logits).scatter(1, top_i, torch.softmax(top_v, dim=-1))
-        return weights, torch.softmax(logits, dim=-1), top_i
+        probs = torch.softmax(logits, dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        gates = torch.zeros_like(probs).scatter(1, top_i, top_p)
+        return gates, probs, top_i, logits
 
     def forward(
-        self, x: torch.Tensor, gate_input: torch.Tensor | None = None
+        self, x: torch.Tensor, gate_input: torch.Tensor | None = None, *, weights: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mixed output and routing info: ``weights`` (B, E), ``probs`` (B, E), ``aux`` (load-balancing loss)."""
-        weights, probs, top_i = self.route(x if gate_input is None else gate_input)
+        """Mixed output and routing info.
+
+        ``info``: ``weights`` (B, E), the routing shares (the gates renormalised to sum to 1 per row: the chosen
+        expert gets 1 under top-1), ``gates`` (B, E), the mixing weights actually applied, ``probs`` (B, E), ``aux``
+        (load-balancing loss), ``z_loss`` and ``load`` (fraction of routing slots per expert). With ``weights``
+        given (B, E) (non-negative, rows summing to 1), they are used as gates and the losses are 0.
+        """
+        if weights is not None:
+            if weights.shape != (x.shape[0], self.n_experts):
+                raise ValueError(
+                    f"`weights` must have shape {(x.shape[0], self.n_experts)} (inputs × experts), "
+                    f"got {tuple(weights.shape)}."
+                )
+            gates = probs = weights.to(x.dtype)
+            zero = x.new_zeros(())
+            aux, z_loss = zero, zero
+            active = gates > 0
+            counts = active.to(x.dtype).sum(0)
+            frac = counts / counts.sum().clamp_min(1)
+        else:
+            gates, probs, top_i, logits = self.route(x if gate_input is None else gate_input)
+            counts = torch.zeros(self.n_experts, device=x.device, dtype=x.dtype).index_add(
+                0, top_i.reshape(-1), torch.ones(top_i.numel(), device=x.device, dtype=x.dtype)
+            )
+            frac = counts / top_i.numel()
+            aux = self.n_experts * torch.sum(frac * probs.mean(dim=0))
+            z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
         out = None
         for e, expert in enumerate(self.experts):
-            sel = torch.nonzero(weights[:, e] > 0, as_tuple=True)[0]
+            sel = torch.nonzero(gates[:, e] > 0, as_tuple=True)[0]
             if sel.numel() == 0:
                 continue
-            y = expert(x.index_select(0, sel)) * weights.index_select(0, sel)[:, e : e + 1]
+            y = expert(x.index_select(0, sel)) * gates.index_select(0, sel)[:, e : e + 1]
             if out is None:
                 out = x.new_zeros((x.shape[0], y.shape[1]))
             # rows in `sel` are unique: a gather + put (no accumulation) is exact and fast, also in deterministic mode
             out = out.index_put((sel,), out.index_select(0, sel) + y)
-        counts = torch.zeros(self.n_experts, device=x.device, dtype=x.dtype).index_add(
-            0, top_i.reshape(-1), torch.ones(top_i.numel(), device=x.device, dtype=x.dtype)
-        )
-        frac = counts / top_i.numel()
-        aux = self.n_experts * torch.sum(frac * probs.mean(dim=0))
-        return out, {"weights": weights, "probs": probs, "aux": aux, "load": frac}
+        shares = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+        info = {"weights": shares, "gates": gates, "probs": probs, "aux": aux, "z_loss": z_loss, "load": frac}
+        return out, info
 
 
 class DenseBlock(nn.Module):
@@ -133,5 +183,6 @@ class DenseBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, gate_input: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ones = x.new_ones((x.shape[0], 1))
-        return self.net(x), {"weights": ones, "probs": ones, "aux": x.new_zeros(()), "load": x.new_ones(1)}
+        ones, zero = x.new_ones((x.shape[0], 1)), x.new_zeros(())
+        info = {"weights": ones, "gates": ones, "probs": ones, "aux": zero, "z_loss": zero, "load": x.new_ones(1)}
+        return self.net(x), info

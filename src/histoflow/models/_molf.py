@@ -16,6 +16,7 @@ from torch import nn
 
 from histoflow._constants import Key
 from histoflow._logging import logger
+from histoflow._validate import check_choice, check_positive
 from histoflow.models._data import (
     Registry,
     check_compatible,
@@ -26,6 +27,7 @@ from histoflow.models._data import (
     targets,
 )
 from histoflow.models._flow import LatentFlow
+from histoflow.models._scvi import ScviLatent, check_full_panel, fit_scvi, import_scvi, panel_counts
 from histoflow.models._train import SeededSampler, atomic_dir, fit_module, seed_everything
 from histoflow.models._vae import GeneVAE
 from histoflow.models._velocity import ConditionEncoder, VelocityField
@@ -40,9 +42,18 @@ _FORMAT_VERSION = 1
 
 @dataclass
 class MoLFConfig:
-    """Every architectural and objective setting of a :class:`~histoflow.models.MoLF` model (saved with it)."""
+    """Every architectural and objective setting of a :class:`~histoflow.models.MoLF` model (saved with it).
 
-    latent: Literal["vae"] = "vae"
+    Stage I: ``latent="vae"`` (default, the paper's Transformer VAE over log1p expression; ``vae_*``, ``beta``) or
+    ``latent="scvi"`` (scvi-tools' :class:`~scvi.model.SCVI` on the raw counts of the panel with the slide as batch;
+    ``scvi_n_hidden``, ``scvi_n_layers``, ``scvi_epochs`` (default: the Stage I
+    epochs of :meth:`~histoflow.models.MoLF.train`), ``scvi_library_size`` (total count at which the decoder reports
+    expression; default the median total panel count of the training spots), ``scvi_gene_likelihood``,
+    ``scvi_counts_layer`` (layer with raw counts; ``X`` when that layer is absent and ``X`` holds counts)). The
+    latent size is ``latent_dim`` for both (scvi's own default is 10; 16-32 suits a 50-gene panel).
+    """
+
+    latent: Literal["vae", "scvi"] = "vae"
     latent_dim: int = 128
     vae_d_model: int = 64
     vae_heads: int = 4
@@ -50,10 +61,17 @@ class MoLFConfig:
     vae_ff_dim: int = 512
     vae_max_tokens: int = 32
     beta: float = 1e-3
+    scvi_n_hidden: int = 128
+    scvi_n_layers: int = 1
+    scvi_epochs: int | None = None
+    scvi_library_size: float | None = None
+    scvi_gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb"
+    scvi_counts_layer: str | None = Key.counts
     cond_dim: int = 256
-    spatial_context: Literal["window"] | None = "window"
+    spatial_context: Literal["window", "graph"] | None = "window"
     context_radius_um: float = 250.0
     max_context: int = 8
+    graph_layers: int = 2
     tokens_per_value: int = 4
     velocity: Literal["moe", "dense"] = "moe"
     n_experts: int = 6
@@ -62,7 +80,7 @@ class MoLFConfig:
     expert_width: int = 256
     expert_heads: int = 4
     gate_noise: float = 1e-2
-    router: Literal["input", "condition"] = "input"
+    router: Literal["input", "condition", "image+metadata", "cancer_type"] = "input"
     p_uncond: float = 0.1
     p_meta_drop: float = 0.1
     lambda_flow: float = 1.0
@@ -202,7 +220,7 @@ class _FlowModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         gate, rest = [], []
         for name, p in self.flow.named_parameters():
-            (gate if ".gate." in name else rest).append(p)
+            (gate if ".gate." in name or ".meta_embed." in name else rest).append(p)  # router parameters
         groups = [{"params": rest, "lr": self.lr}]
         if gate:
             groups.append({"params": gate, "lr": self.gate_lr})
@@ -217,9 +235,13 @@ class MoLF:
     """Mixture-of-Latent-Flow model (MoLF) for spatial gene expression from H&E.
 
     Stage I compresses the log1p expression of the gene panel into a latent space with a Transformer VAE (frozen
-    afterwards). Stage II learns a conditional flow from N(0, I) to that latent, with a top-k mixture-of-experts
-    velocity field conditioned on the spot's patch features, optionally its spatial neighbourhood (a window of
-    neighbouring spots with a 2-D sinusoidal encoding of their physical offsets), and metadata such as the cancer
+    afterwards), or, with ``latent="scvi"``, with scvi-tools' SCVI on the raw counts with the slide as batch (latent =
+    encoder mean; decoder = log1p of the expected count at a fixed library size, averaged over the training slides).
+    Stage II learns a conditional flow from N(0, I) to that latent, with a top-k
+    mixture-of-experts velocity field conditioned on the spot's patch features, optionally its spatial neighbourhood
+    (up to ``max_context`` spots within ``context_radius_um``: ``spatial_context="window"``, a Transformer with a 2-D
+    sinusoidal encoding of their physical offsets; ``"graph"``, a graph transformer whose attention uses pairwise
+    distances in µm and visual similarities as edge features, ``graph_layers`` deep), and metadata such as the cancer
     type (cross-attention over learned metadata tokens). See :func:`histoflow.tl.fit_molf` for the usual entry point.
 
     Parameters
@@ -267,8 +289,12 @@ class MoLF:
         if unknown:
             raise TypeError(f"Unknown MoLF settings {sorted(unknown)}; see `histoflow.models.MoLFConfig`.")
         self.config = MoLFConfig(**config)
-        if self.config.latent != "vae":
-            raise ValueError(f"`latent={self.config.latent!r}` is not supported; use `latent='vae'`.")
+        check_choice(self.config.latent, ("vae", "scvi"), "latent")
+        if self.config.latent == "scvi":
+            check_choice(self.config.scvi_gene_likelihood, ("zinb", "nb", "poisson"), "scvi_gene_likelihood")
+            if self.config.scvi_library_size is not None:
+                check_positive(self.config.scvi_library_size, "scvi_library_size")
+            import_scvi()  # fail now, with the install hint, rather than after building everything
         if metadata_keys is None:
             metadata_keys = [cancer_type_key] if cancer_type_key in adata.obs else []
         self.keys = {
@@ -277,11 +303,27 @@ class MoLF:
             "pixel_size_key": pixel_size_key,
             "split_key": split_key,
             "metadata_keys": list(metadata_keys),
+            "cancer_type_key": cancer_type_key,
         }
         rows = np.arange(adata.n_obs)
         gene_list = panel_genes(adata, genes)
         feats = features(adata, embedding_key, rows[:1])
         _, cats = metadata_codes(adata, self.keys["metadata_keys"], rows)
+        if self.config.router == "cancer_type":  # one expert per cancer type
+            if cancer_type_key not in self.keys["metadata_keys"]:
+                raise ValueError(
+                    f"`router='cancer_type'` needs the cancer type as metadata, but `{cancer_type_key!r}` is not among "
+                    f"the metadata keys {self.keys['metadata_keys']} (is `obs[{cancer_type_key!r}]` missing?); add the "
+                    "column, pass `cancer_type_key`/`metadata_keys`, or use another router."
+                )
+            n_types = len(cats[cancer_type_key])
+            if "n_experts" in config and config["n_experts"] != n_types:
+                raise ValueError(
+                    f"`router='cancer_type'` uses one expert per cancer type ({n_types} in "
+                    f"`obs[{cancer_type_key!r}]`), but `n_experts={config['n_experts']}` was given; "
+                    "leave `n_experts` unset."
+                )
+            self.config.n_experts = n_types
         enc = adata.uns.get(embedding_key, {})
         self.registry = Registry(
             genes=gene_list,
@@ -304,19 +346,27 @@ class MoLF:
     # ---------------------------------------------------------------- modules
     def _build(self) -> None:
         c, r = self.config, self.registry
-        self.vae = GeneVAE(
-            len(r.genes),
-            latent_dim=c.latent_dim,
-            d_model=c.vae_d_model,
-            n_heads=c.vae_heads,
-            n_layers=c.vae_layers,
-            ff_dim=c.vae_ff_dim,
-            max_tokens=c.vae_max_tokens,
-        )
+        meta_keys, ct_key = self.keys["metadata_keys"], self.keys.get("cancer_type_key", Key.cancer_type)
+        # Stage I: the VAE is built here; scvi's frozen copy (`self.scvi`) only exists once trained or loaded
+        self.vae: GeneVAE | None = None
+        self.scvi: ScviLatent | None = None
+        self.scvi_model: Any = None  # the trained scvi.model.SCVI (not saved; None after `load`)
+        if c.latent == "vae":
+            self.vae = GeneVAE(
+                len(r.genes),
+                latent_dim=c.latent_dim,
+                d_model=c.vae_d_model,
+                n_heads=c.vae_heads,
+                n_layers=c.vae_layers,
+                ff_dim=c.vae_ff_dim,
+                max_tokens=c.vae_max_tokens,
+            )
         cond = ConditionEncoder(
             r.embedding_dim,
             c.cond_dim,
             spatial_context=c.spatial_context,
+            graph_layers=c.graph_layers,
+            context_radius_um=c.context_radius_um,
             metadata_sizes=[len(r.categories[k]) for k in self.keys["metadata_keys"]],
             tokens_per_value=c.tokens_per_value,
         )
@@ -331,8 +381,18 @@ class MoLF:
             expert_heads=c.expert_heads,
             gate_noise=c.gate_noise,
             router=c.router,
+            metadata_sizes=[len(r.categories[k]) for k in self.keys["metadata_keys"]],
+            cancer_type_field=meta_keys.index(ct_key) if ct_key in meta_keys else 0,
         )
         self.flow = LatentFlow(cond, vel)
+
+    def _decoder(self) -> nn.Module:
+        """Stage I decoder, latent → log1p expression (frozen; differentiable for the gene-consistency loss)."""
+        if self.config.latent == "scvi":
+            if self.scvi is None:
+                raise RuntimeError("The scvi Stage I is not trained; call `.train()` first or load a trained model.")
+            return self.scvi.decoder
+        return self.vae.decoder
 
     @property
     def n_experts(self) -> int:
@@ -372,7 +432,7 @@ class MoLF:
             Y, M = targets(adata, r.genes, r.layer, rows, self.keys["library_key"])
             arrays["x"], arrays["mask"] = torch.from_numpy(Y), torch.from_numpy(M)
         nbr = off = None
-        if self.config.spatial_context == "window":
+        if self.config.spatial_context in ("window", "graph"):  # the same neighbour window for both encoders
             libs = (
                 adata.obs[self.keys["library_key"]].astype(str).to_numpy()[rows]
                 if self.keys["library_key"] in adata.obs
@@ -405,15 +465,21 @@ class MoLF:
         resume: bool = False,
         show_progress_bar: bool = True,
         seed: int | None = None,
+        vae_extra: AnnData | None = None,
     ) -> MoLF:
-        """Fit Stage I (VAE) then Stage II (flow) on the ``train`` slides, validating on the ``val`` slides.
+        """Fit Stage I (VAE, or scvi's SCVI) then Stage II (flow) on the ``train`` slides, validating on ``val`` slides.
+
+        With ``latent="scvi"``, Stage I is scvi-tools' :class:`~scvi.model.SCVI` on the raw counts of the
+        training slides (one batch per slide), validated on a seeded 10 % of the training spots (the validation
+        slides are not batches scvi was trained on), with ``vae_lr``, ``batch_size``, ``early_stopping`` and
+        ``patience``, on one device; ``checkpoint_dir``/``resume`` apply to Stage II only.
 
         Parameters
         ----------
         max_epochs
             Epochs of Stage II (and of Stage I unless ``vae_epochs`` is given).
         vae_epochs
-            Epochs of Stage I.
+            Epochs of Stage I (``scvi_epochs`` of the config takes precedence with ``latent="scvi"``).
         batch_size
             Spots per batch.
         lr
@@ -421,7 +487,7 @@ class MoLF:
         gate_lr
             Learning rate of the gating network (default ``lr / 5``, MoLF's ratio).
         vae_lr
-            Learning rate of Stage I.
+            Learning rate of Stage I (the VAE, or scvi's training plan).
         weight_decay
             AdamW weight decay.
         accelerator, devices, strategy, num_nodes
@@ -439,12 +505,21 @@ class MoLF:
             Lightning's progress bar.
         seed
             Seed (default: the model's ``seed``); the same seed gives the same numbers on CPU.
+        vae_extra
+            More expression-only spots for Stage I (``latent="vae"``): a table with the model's ``layer`` (log1p),
+            e.g. count-only sections without an image. Its spots join the VAE's training set (panel genes it lacks
+            are masked, never counted as zeros); Stage II still trains on the ``train`` slides only.
 
         Returns
         -------
         The model itself.
         """
         cfg = self.config
+        extra = None
+        if vae_extra is not None:
+            if cfg.latent != "vae":
+                raise ValueError("`vae_extra` is only used with `latent='vae'`; drop it or use the Transformer VAE.")
+            extra = _extra_targets(vae_extra, self.registry.genes, self.registry.layer, self.keys["library_key"])
         seed = cfg.seed if seed is None else int(seed)
         seed_everything(seed)
         adata = self.adata
@@ -469,29 +544,63 @@ class MoLF:
             return None if checkpoint_dir is None else Path(checkpoint_dir) / name
 
         # Stage I -------------------------------------------------------------
-        vae_mod = _VAEModule(self.vae, cfg.beta, vae_lr, weight_decay)
-        x_all = {"x": arrays["x"], "mask": arrays["mask"]}
-        vae_train = _loader(n_tr, _Subset(x_all, 0), batch_size, True, seed)
-        vae_val = _loader(len(va), _Subset(x_all, n_tr), batch_size, False, seed) if va.size else None
-        self.history["vae"] = self._fit(
-            vae_mod, vae_train, vae_val, vae_epochs or max_epochs, stage_dir("vae"), resume, common
-        )
-        self.vae = vae_mod.vae.cpu().eval()
-        self.vae.requires_grad_(False)
-
-        # latent targets from the frozen encoder (posterior means)
-        with torch.no_grad():
-            z1 = torch.cat(
-                [
-                    self.vae.encode(arrays["x"][s : s + 4096], arrays["mask"][s : s + 4096])[0]
-                    for s in range(0, len(all_rows), 4096)
-                ]
+        if cfg.latent == "scvi":
+            # raw counts of the panel (train then val rows), checked before anything is trained
+            counts, _ = panel_counts(adata, self.registry.genes, cfg.scvi_counts_layer, all_rows)
+            lk = self.keys["library_key"]
+            libs = adata.obs[lk].astype(str).to_numpy()[all_rows] if lk in adata.obs else np.full(len(all_rows), "0")
+            check_full_panel(arrays["mask"].numpy(), libs, self.registry.genes)
+            self.scvi, self.history["scvi"], self.scvi_model = fit_scvi(
+                counts[:n_tr],
+                libs[:n_tr],
+                self.registry.genes,
+                n_latent=cfg.latent_dim,
+                n_hidden=cfg.scvi_n_hidden,
+                n_layers=cfg.scvi_n_layers,
+                gene_likelihood=cfg.scvi_gene_likelihood,
+                library_size=cfg.scvi_library_size,
+                max_epochs=cfg.scvi_epochs or vae_epochs or max_epochs,
+                batch_size=batch_size,
+                lr=vae_lr,
+                accelerator=accelerator,
+                devices=devices,
+                early_stopping=early_stopping,
+                patience=patience,
+                show_progress_bar=show_progress_bar,
+                seed=seed,
             )
+            z1 = self.scvi.encode(counts)  # posterior means (equal to scvi's get_latent_representation)
+        else:
+            vae_mod = _VAEModule(self.vae, cfg.beta, vae_lr, weight_decay)
+            x_all = {"x": arrays["x"], "mask": arrays["mask"]}
+            n_vae = n_tr
+            if extra is not None:  # train rows, then the extra spots, then the validation rows
+                x_all = {
+                    k: torch.cat([x_all[k][:n_tr], torch.from_numpy(e), x_all[k][n_tr:]]) for k, e in extra.items()
+                }
+                n_vae = n_tr + len(extra["x"])
+                logger.info("Stage I also trains on %d expression-only spots (`vae_extra`).", len(extra["x"]))
+            vae_train = _loader(n_vae, _Subset(x_all, 0), batch_size, True, seed)
+            vae_val = _loader(len(va), _Subset(x_all, n_vae), batch_size, False, seed) if va.size else None
+            self.history["vae"] = self._fit(
+                vae_mod, vae_train, vae_val, vae_epochs or max_epochs, stage_dir("vae"), resume, common
+            )
+            self.vae = vae_mod.vae.cpu().eval()
+            self.vae.requires_grad_(False)
+
+            # latent targets from the frozen encoder (posterior means)
+            with torch.no_grad():
+                z1 = torch.cat(
+                    [
+                        self.vae.encode(arrays["x"][s : s + 4096], arrays["mask"][s : s + 4096])[0]
+                        for s in range(0, len(all_rows), 4096)
+                    ]
+                )
         arrays["z1"] = z1
 
         # Stage II ------------------------------------------------------------
         seed_everything(seed + 1)
-        flow_mod = _FlowModule(self.flow, self.vae.decoder, cfg, lr, gate_lr or lr / 5, weight_decay)
+        flow_mod = _FlowModule(self.flow, self._decoder(), cfg, lr, gate_lr or lr / 5, weight_decay)
         flow_train = _loader(n_tr, _Subset(arrays, 0, nbr, off), batch_size, True, seed)
         flow_val = _loader(len(va), _Subset(arrays, n_tr, nbr, off), batch_size, False, seed) if va.size else None
         self.history["flow"] = self._fit(flow_mod, flow_train, flow_val, max_epochs, stage_dir("flow"), resume, common)
@@ -590,7 +699,7 @@ class MoLF:
             raise ValueError(f"`n_samples` must be at least 1, got {n_samples}.")
         arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
         dev = torch.device(device)
-        flow, dec = self.flow.to(dev).eval(), self.vae.decoder.to(dev).eval()
+        flow, dec = self.flow.to(dev).eval(), self._decoder().to(dev).eval()
         n, L_ = len(rows), self.config.latent_dim
         # project every spot's features once; neighbour tokens are then gathered from the projections
         proj = torch.cat(
@@ -619,8 +728,9 @@ class MoLF:
             trajs = []
             for s in range(0, n, batch_size):
                 sl = slice(s, min(s + batch_size, n))
+                meta = arrays["meta"][sl].to(dev) if "meta" in arrays else None  # for the metadata routers
                 out = flow.sample(
-                    cond[sl], z0[sl].to(dev), steps=steps, guidance=w, record=record_trajectories and k == 0
+                    cond[sl], z0[sl].to(dev), meta=meta, steps=steps, guidance=w, record=record_trajectories and k == 0
                 )
                 x = dec(out["z1"]).clamp_min(0).cpu()
                 total[sl] += x
@@ -645,22 +755,29 @@ class MoLF:
         if traj is not None:
             res["trajectory"] = traj.numpy()
         self.flow.cpu()
-        self.vae.cpu()
+        self._decoder().cpu()
         return res
 
     def get_latent(self, adata: AnnData | None = None, rows: np.ndarray | None = None) -> np.ndarray:
-        """Stage I posterior means of measured expression (spots × latent)."""
+        """Stage I posterior means of measured expression (spots × latent).
+
+        With ``latent="scvi"`` these are scvi's encoder means of the raw counts (``scvi_counts_layer``, else ``X``).
+        """
         adata = self.adata if adata is None else adata
         rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
         check_compatible(self.registry, adata, genes_needed=True)
+        if self.config.latent == "scvi":
+            self._decoder()  # raises when Stage I is not trained
+            counts, _ = panel_counts(adata, self.registry.genes, self.config.scvi_counts_layer, rows)
+            return self.scvi.encode(counts).numpy()
         Y, M = targets(adata, self.registry.genes, self.registry.layer, rows, self.keys["library_key"])
         with torch.no_grad():
             return self.vae.eval().encode(torch.from_numpy(Y), torch.from_numpy(M))[0].numpy()
 
     def decode(self, z: np.ndarray) -> np.ndarray:
-        """log1p expression from latents."""
+        """log1p expression from latents (with ``latent="scvi"``: at ``scvi_library_size``, averaged over slides)."""
         with torch.no_grad():
-            return self.vae.eval().decode(torch.as_tensor(z, dtype=torch.float32)).numpy()
+            return self._decoder().eval()(torch.as_tensor(z, dtype=torch.float32)).numpy()
 
     # ---------------------------------------------------------------- save / load
     def save(self, dir_path: str | Path, overwrite: bool = False) -> None:
@@ -681,12 +798,14 @@ class MoLF:
             "keys": self.keys,
             "is_trained": self.is_trained,
             "train_libraries": getattr(self, "_train_libraries", {}),
+            "scvi": None if self.scvi is None else self.scvi.spec,  # rebuilds the scvi Stage I without scvi
         }
         with atomic_dir(dir_path, overwrite=overwrite) as tmp:
             torch.save(
                 {
                     "meta": meta,
-                    "vae": self.vae.state_dict(),
+                    "vae": None if self.vae is None else self.vae.state_dict(),
+                    "scvi": None if self.scvi is None else self.scvi.state_dict(),
                     "flow": self.flow.state_dict(),
                     "history": dict(self.history),
                 },
@@ -718,9 +837,13 @@ class MoLF:
         self.keys = meta["keys"]
         self._train_libraries = meta.get("train_libraries", {})
         self._build()
-        self.vae.load_state_dict(blob["vae"])
+        if self.vae is not None:
+            self.vae.load_state_dict(blob["vae"])
+            self.vae.eval().requires_grad_(False)
+        if meta.get("scvi") is not None:
+            self.scvi = ScviLatent(meta["scvi"])
+            self.scvi.load_state_dict(blob["scvi"])
         self.flow.load_state_dict(blob["flow"])
-        self.vae.eval().requires_grad_(False)
         self.flow.eval()
         self.history = dict(blob["history"])
         self.is_trained = bool(meta["is_trained"])
@@ -734,7 +857,7 @@ class MoLF:
         for key, known in self.registry.categories.items():
             if key not in adata.obs:
                 raise KeyError(f"The table has no `obs[{key!r}]`, which the model uses as metadata.")
-            values = set(adata.obs[key].astype(str).unique())
+            values = set(adata.obs[key].dropna().astype(str).unique())
             unseen = sorted(values - set(known))
             if unseen:
                 raise ValueError(
@@ -749,6 +872,26 @@ class MoLF:
                 f"The table has {len(present)} of the model's {len(self.registry.genes)} genes; a table with other "
                 "genes cannot be used with this model (an image-only table with no panel genes can)."
             )
+
+
+def _extra_targets(table: AnnData, genes: Sequence[str], layer: str | None, library_key: str) -> dict[str, np.ndarray]:
+    """log1p targets and gene mask of an expression-only table for Stage I (genes it lacks are masked)."""
+    from anndata import AnnData as _AnnData
+
+    if not isinstance(table, _AnnData):
+        raise TypeError(f"`vae_extra` must be an AnnData table, got {type(table).__name__}.")
+    present = [g for g in genes if g in table.var_names]
+    if not present:
+        raise ValueError(
+            "`vae_extra` has none of the model's panel genes; give a table with the same gene names (e.g. symbols)."
+        )
+    rows = np.arange(table.n_obs)
+    Y = np.zeros((table.n_obs, len(genes)), dtype=np.float32)
+    M = np.zeros_like(Y, dtype=bool)
+    cols = [i for i, g in enumerate(genes) if g in table.var_names]
+    y, m = targets(table, present, layer, rows, library_key)
+    Y[:, cols], M[:, cols] = y, m
+    return {"x": Y, "mask": M}
 
 
 class _Subset:

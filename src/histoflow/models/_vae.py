@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ class GeneVAE(nn.Module):
         n_heads: int = 4,
         n_layers: int = 1,
         ff_dim: int = 512,
-        decoder_hidden: tuple[int, ...] = (512, 1024),
+        decoder_hidden: Sequence[int] = (512, 1024),
         max_tokens: int = 64,
         dropout: float = 0.1,
     ):

@@ -46,6 +46,10 @@ class ConditionEncoder(nn.Module):
       feature tokens and their offsets from the spot in µm) get a 2-D sinusoidal encoding of the offset and go
       through ``context_layers`` Transformer layers; the spot's own output token is the context-aware condition.
       Offsets are physical, so slides scanned at different resolutions mean the same thing.
+    - Spatial context (``spatial_context="graph"``): the same window as a complete graph through ``graph_layers``
+      layers of :class:`~histoflow.models.GraphContextEncoder`, whose attention uses edge features (pairwise
+      physical distance in µm, expanded over ``[0, 2 × context_radius_um]``, and cosine similarity of the projected
+      patch features); the spot's node output is the context-aware condition ("graph as condition", FLAG).
     - Metadata (cancer type, ...): each field value owns ``tokens_per_value`` learned tokens; together with
       ``n_memory`` shared learned tokens they are the keys/values of a cross-attention whose query is the image
       condition, so how metadata shifts the condition depends on the image (with one key only, attention would
@@ -58,8 +62,10 @@ class ConditionEncoder(nn.Module):
         feat_dim: int,
         cond_dim: int = 256,
         *,
-        spatial_context: Literal["window"] | None = "window",
+        spatial_context: Literal["window", "graph"] | None = "window",
         context_layers: int = 1,
+        graph_layers: int = 2,
+        context_radius_um: float = 250.0,
         n_heads: int = 4,
         metadata_sizes: Sequence[int] = (),
         tokens_per_value: int = 4,
@@ -77,8 +83,19 @@ class ConditionEncoder(nn.Module):
             )
             self.context = nn.TransformerEncoder(layer, context_layers, enable_nested_tensor=False)
             self.context_norm = nn.LayerNorm(cond_dim)
+        elif spatial_context == "graph":
+            from histoflow.models._graph import GraphContextEncoder
+
+            if isinstance(graph_layers, bool) or not isinstance(graph_layers, int) or graph_layers < 1:
+                raise ValueError(f"`graph_layers` must be a positive integer, got {graph_layers!r}.")
+            if not (isinstance(context_radius_um, (int, float)) and 0 < context_radius_um < float("inf")):
+                raise ValueError(f"`context_radius_um` must be a positive number of µm, got {context_radius_um!r}.")
+            # every pair of a window lies within twice the context radius
+            self.context = GraphContextEncoder(
+                cond_dim, n_heads=n_heads, n_layers=graph_layers, max_distance_um=2 * context_radius_um, dropout=dropout
+            )
         elif spatial_context is not None:
-            raise ValueError(f"`spatial_context` must be 'window' or None, got {spatial_context!r}.")
+            raise ValueError(f"`spatial_context` must be 'window', 'graph' or None, got {spatial_context!r}.")
         self.metadata_sizes = list(metadata_sizes)
         self.tokens_per_value = tokens_per_value
         if self.metadata_sizes:
@@ -108,6 +125,23 @@ class ConditionEncoder(nn.Module):
         """
         return self.forward_projected(self.project(feats), offsets_um, valid, meta, drop)
 
+    def _window_centre(self, h: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """Output of the window Transformer at the centre token ``(B, D)``, computing only what that token needs.
+
+        Every layer but the last runs on all tokens; the last one (pre-norm) attends from the centre token only and
+        applies its feed-forward block to that token only: the same function as the full layer's first output
+        token, at about a quarter of the cost for a window of nine spots.
+        """
+        layers = self.context.layers
+        for layer in layers[:-1]:
+            h = layer(h, src_key_padding_mask=pad)
+        last = layers[-1]
+        hn = last.norm1(h)
+        a = last.self_attn(hn[:, :1], hn, hn, key_padding_mask=pad, need_weights=False)[0]
+        x = h[:, :1] + last.dropout1(a)
+        ff = last.linear2(last.dropout(last.activation(last.linear1(last.norm2(x)))))
+        return (x + last.dropout2(ff))[:, 0]
+
     def forward_projected(
         self,
         h: torch.Tensor,
@@ -116,11 +150,13 @@ class ConditionEncoder(nn.Module):
         meta: torch.Tensor | None = None,
         drop: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`forward` on tokens already passed through :meth:`project` (lets inference project each spot once)."""
+        """``forward`` on tokens already passed through ``project`` (lets inference project each spot once)."""
         if self.spatial_context == "window" and h.ndim == 3:
             h = h + sinusoidal_2d(offsets_um, self.cond_dim)
             pad = None if valid is None else ~valid
-            c = self.context_norm(self.context(h, src_key_padding_mask=pad)[:, 0])
+            c = self.context_norm(self._window_centre(h, pad))
+        elif self.spatial_context == "graph" and h.ndim == 3:
+            c = self.context(h, offsets_um, valid)
         else:
             c = h[:, 0] if h.ndim == 3 else h
         attn = None
@@ -140,17 +176,67 @@ class ConditionEncoder(nn.Module):
         return c, attn
 
 
+ROUTERS = ("input", "condition", "image+metadata", "cancer_type")
+
+
 class VelocityField(nn.Module):
     """The velocity ``v(z_t, t, c)``.
 
     The LayerNorm of ``[z_t, time embedding, c]`` feeds a top-k mixture of experts (or a dense network of the same
-    depth and total width, ``velocity="dense"``).
+    depth and total width, ``velocity="dense"``); see :class:`~histoflow.models.MixtureOfExperts` for the exact
+    gating formula (top-1: the chosen expert is scaled by its full softmax probability, Switch-Transformer style, so
+    the router learns from the flow loss; top-k > 1: softmax over the kept logits).
 
     Experts are MLPs (``expert="mlp"``, default) or small Transformers over the three input parts
     (``expert="transformer"``). The dense ablation uses one expert whose width (and, for Transformers, head count)
-    is ``n_experts`` times an expert's. The router sees the whole input, as in MoLF's ``G(z_t, t, c)``
-    (``router="input"``), or only the condition (``router="condition"``: each spot's experts depend on its image and
-    metadata, not on the time or the noise; on the eight-Gaussians task this routes by mode far better).
+    is ``n_experts`` times an expert's.
+
+    Routers (``router``):
+
+    - ``"input"``: a linear router on the whole expert input, MoLF's ``G(z_t, t, c)``;
+    - ``"condition"``: a linear router on ``c`` only: each spot's experts depend on its image (and metadata, through
+      the condition), not on the time or the noise;
+    - ``"image+metadata"`` (HistoMoE): a linear router on ``[c, e_1(m_1), ..., e_F(m_F)]``, the condition (patch
+      features and spatial context, after the condition encoder's metadata cross-attention) next to a learned
+      embedding of each metadata code (organ, cancer type, technology, ...; ``metadata_sizes``); code ``-1``
+      (unknown / dropped value) has its own learned null embedding;
+    - ``"cancer_type"``: one expert per cancer type and hard routing: a spot with cancer-type code ``k`` (field
+      ``cancer_type_field`` of the metadata codes) goes to expert ``k`` with weight 1. Unknown type (code ``-1``,
+      also used for the unconditional branch of classifier-free guidance) falls back to the uniform mixture of all
+      experts (weight ``1 / E`` each), which training also fits, since metadata dropout sends some spots there.
+      ``n_experts`` is the number of cancer types.
+
+    Parameters
+    ----------
+    latent_dim
+        Size of ``z``.
+    cond_dim
+        Size of the condition ``c``.
+    time_dim
+        Size of the sinusoidal time embedding.
+    velocity
+        ``"moe"`` or the ``"dense"`` ablation (the router does not apply).
+    n_experts
+        Number of experts (default 6; for ``router="cancer_type"``: the number of cancer types, and a different value
+        is an error).
+    top_k
+        Experts per input (learned routers).
+    expert
+        ``"mlp"`` or ``"transformer"``.
+    expert_width
+        Hidden width of one expert.
+    expert_heads
+        Attention heads of a Transformer expert.
+    gate_noise
+        Std of the router-logit noise in training.
+    router
+        ``"input"``, ``"condition"``, ``"image+metadata"`` or ``"cancer_type"`` (see above).
+    metadata_sizes
+        Number of categories of each metadata field (the columns of the ``meta`` codes), for the metadata routers.
+    cancer_type_field
+        Which metadata field is the cancer type (``router="cancer_type"``).
+    metadata_embed_dim
+        Size of each metadata embedding seen by the ``"image+metadata"`` router.
     """
 
     def __init__(
@@ -160,18 +246,46 @@ class VelocityField(nn.Module):
         *,
         time_dim: int = 64,
         velocity: Literal["moe", "dense"] = "moe",
-        n_experts: int = 6,
+        n_experts: int | None = None,
         top_k: int = 2,
         expert: Literal["mlp", "transformer"] = "mlp",
         expert_width: int = 256,
         expert_heads: int = 4,
         gate_noise: float = 1e-2,
-        router: Literal["input", "condition"] = "input",
+        router: Literal["input", "condition", "image+metadata", "cancer_type"] = "input",
+        metadata_sizes: Sequence[int] = (),
+        cancer_type_field: int = 0,
+        metadata_embed_dim: int = 16,
     ):
         super().__init__()
-        if router not in ("input", "condition"):
-            raise ValueError(f"`router` must be 'input' or 'condition', got {router!r}.")
-        self.time_dim, self.router = time_dim, router
+        if router not in ROUTERS:
+            raise ValueError(f"`router` must be one of {list(ROUTERS)}, got {router!r}.")
+        if velocity not in ("moe", "dense"):
+            raise ValueError(f"`velocity` must be 'moe' or 'dense', got {velocity!r}.")
+        self.metadata_sizes = [int(n) for n in metadata_sizes]
+        if router in ("image+metadata", "cancer_type"):
+            if velocity != "moe":
+                raise ValueError(f"`router={router!r}` needs `velocity='moe'` (the dense ablation has no router).")
+            if not self.metadata_sizes:
+                raise ValueError(
+                    f"`router={router!r}` routes on sample metadata, but there is none (`metadata_sizes` is empty); "
+                    "give the metadata columns (e.g. `metadata_keys=['cancer_type']`) or use `router='input'`."
+                )
+        if router == "cancer_type":
+            if not 0 <= cancer_type_field < len(self.metadata_sizes):
+                raise ValueError(
+                    f"`cancer_type_field` must index one of the {len(self.metadata_sizes)} metadata fields, "
+                    f"got {cancer_type_field}."
+                )
+            n_types = self.metadata_sizes[cancer_type_field]
+            if n_experts is not None and n_experts != n_types:
+                raise ValueError(
+                    f"`router='cancer_type'` uses one expert per cancer type ({n_types}), but `n_experts={n_experts}`; "
+                    "leave `n_experts` unset."
+                )
+            n_experts, top_k = n_types, 1
+        n_experts = 6 if n_experts is None else int(n_experts)
+        self.time_dim, self.router, self.cancer_type_field = time_dim, router, cancer_type_field
         in_dim = latent_dim + time_dim + cond_dim
         self.norm = nn.LayerNorm(in_dim)
         segments = [latent_dim, time_dim, cond_dim]
@@ -188,26 +302,79 @@ class VelocityField(nn.Module):
 
             return make
 
-        if velocity == "moe":
-            self.block: nn.Module = MixtureOfExperts(
-                in_dim,
-                factory(1),
-                n_experts=n_experts,
-                top_k=top_k,
-                gate_noise=gate_noise,
-                gate_dim=cond_dim if router == "condition" else None,
+        if velocity == "dense":
+            self.block: nn.Module = DenseBlock(factory(n_experts))
+            return
+        gate_dim = {"input": None, "condition": cond_dim, "cancer_type": 0}.get(router)
+        if router == "image+metadata":
+            # one extra row per field: the null (unknown) embedding for code -1
+            self.meta_embed = nn.ModuleList(nn.Embedding(n + 1, metadata_embed_dim) for n in self.metadata_sizes)
+            gate_dim = cond_dim + metadata_embed_dim * len(self.metadata_sizes)
+        self.block = MixtureOfExperts(
+            in_dim,
+            factory(1),
+            n_experts=n_experts,
+            top_k=top_k,
+            gate_noise=gate_noise,
+            gate_dim=gate_dim,
+        )
+
+    @property
+    def uses_metadata(self) -> bool:
+        """Whether the router needs the metadata codes (``meta``) in ``forward``."""
+        return self.router in ("image+metadata", "cancer_type") and isinstance(self.block, MixtureOfExperts)
+
+    def _meta_codes(self, meta: torch.Tensor | None, b: int) -> torch.Tensor:
+        if meta is None:
+            raise ValueError(
+                f"`router={self.router!r}` routes on metadata: pass the metadata codes `meta` (B, "
+                f"{len(self.metadata_sizes)}), with -1 for unknown values."
             )
-        elif velocity == "dense":
-            self.block = DenseBlock(factory(n_experts))
-        else:
-            raise ValueError(f"`velocity` must be 'moe' or 'dense', got {velocity!r}.")
+        if meta.ndim != 2 or meta.shape != (b, len(self.metadata_sizes)):
+            raise ValueError(
+                f"`meta` must have shape {(b, len(self.metadata_sizes))} (inputs × metadata fields), "
+                f"got {tuple(meta.shape)}."
+            )
+        return meta.long()
+
+    def routing_weights(self, meta: torch.Tensor) -> torch.Tensor:
+        """Hard routing weights ``(B, E)`` of ``router="cancer_type"``: one-hot on the type's expert, uniform for -1."""
+        code = meta[:, self.cancer_type_field]
+        n = self.block.n_experts
+        if (code >= n).any() or (code < -1).any():
+            bad = sorted({int(v) for v in code[(code >= n) | (code < -1)].tolist()})
+            raise ValueError(f"Cancer-type codes must be in -1..{n - 1} (-1 = unknown), got {bad[:5]}.")
+        known = code >= 0
+        onehot = nn.functional.one_hot(code.clamp_min(0), n).float()
+        return torch.where(known[:, None], onehot, torch.full_like(onehot, 1.0 / n))
 
     def forward(
-        self, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, gate_input: torch.Tensor | None = None
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor,
+        c: torch.Tensor,
+        gate_input: torch.Tensor | None = None,
+        *,
+        meta: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Velocity ``(B, latent_dim)`` and routing info."""
+        """Velocity ``(B, latent_dim)`` and routing info.
+
+        ``meta`` ``(B, n_fields)`` holds the metadata codes (``-1`` = unknown); only the metadata routers use it.
+        ``gate_input`` overrides the router input of a learned router.
+        """
         t = t.reshape(-1).expand(z.shape[0]) if t.numel() == 1 else t.reshape(-1)
         x = self.norm(torch.cat([z, timestep_embedding(t, self.time_dim), c], dim=-1))
+        if not isinstance(self.block, MixtureOfExperts):
+            return self.block(x, gate_input)
+        if self.router == "cancer_type":
+            return self.block(x, weights=self.routing_weights(self._meta_codes(meta, z.shape[0])))
         if gate_input is None and self.router == "condition":
             gate_input = c
+        elif gate_input is None and self.router == "image+metadata":
+            codes = self._meta_codes(meta, z.shape[0])
+            embs = [
+                emb(torch.where(codes[:, j] < 0, torch.full_like(codes[:, j], n), codes[:, j]))
+                for j, (emb, n) in enumerate(zip(self.meta_embed, self.metadata_sizes))
+            ]
+            gate_input = torch.cat([c, *embs], dim=-1)
         return self.block(x, gate_input)

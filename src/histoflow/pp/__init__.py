@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from histoflow.pp._encoders import Encoder, get_encoder, list_encoders
+from histoflow.pp._gene_embeddings import gene_embeddings_from_gene_sets, read_gene_embeddings
 from histoflow.pp._genes import select_genes
 from histoflow.pp._normalize import normalize
 from histoflow.pp._patches import crop_patches, embed_patches
@@ -16,6 +17,8 @@ __all__ = [
     "Encoder",
     "normalize",
     "select_genes",
+    "gene_embeddings_from_gene_sets",
+    "read_gene_embeddings",
     "split_slides",
     "split_from_csv",
 ]

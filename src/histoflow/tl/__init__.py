@@ -9,6 +9,9 @@ from histoflow.tl import metrics
 from histoflow.tl._baseline import fit_baseline
 from histoflow.tl._evaluate import evaluate
 
+# FLAG-style gene-token flow
+from histoflow.tl._flag import fit_flag
+
 # MoLF
 from histoflow.tl._molf import fit_molf, predict, select_guidance, trajectories
 
@@ -17,6 +20,7 @@ __all__ = [
     "metrics",
     "fit_baseline",
     "fit_molf",
+    "fit_flag",
     "predict",
     "select_guidance",
     "trajectories",

@@ -19,14 +19,14 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from histoflow.models import MoLF
+    from histoflow.models import FLAG, MoLF
 
 __all__ = ["fit_molf", "predict", "select_guidance", "trajectories"]
 
 
 def _versions() -> dict[str, str]:
     out = {}
-    for pkg in ("histoflow", "torch", "lightning", "anndata", "spatialdata"):
+    for pkg in ("histoflow", "torch", "lightning", "anndata", "spatialdata", "scvi-tools"):
         try:
             out[pkg] = version(pkg)
         except Exception:  # noqa: BLE001 - a missing distribution is reported as unknown
@@ -48,6 +48,7 @@ def _write(table: AnnData, model: MoLF, key: str, rows: np.ndarray, res: dict[st
         "versions": _versions(),
         "train_libraries": {k: list(v) for k, v in getattr(model, "_train_libraries", {}).items()},
     }
+    uns.update(model.uns_extra() if hasattr(model, "uns_extra") else {})  # model-specific reports (FLAG: alignment)
     write_predictions(
         table,
         key,
@@ -95,6 +96,13 @@ def fit_molf(
     :func:`histoflow.pp.split_slides` defaults when missing, without writing it). Then every spot with patch features
     is predicted with one Euler step (``steps``) at the model's guidance scale.
 
+    ``latent="scvi"`` replaces the VAE by scvi-tools' SCVI (``pip install "histoflow[scvi]"``) trained on the raw
+    counts of the panel (``layers["counts"]``, else ``X``) with the slide as batch: count-aware and batch-corrected,
+    which matters when many slides and centres are pooled. Its encoder mean is the latent; predictions are log1p of
+    its expected count at a fixed library size (``scvi_library_size``, default the median total panel count of the
+    training spots), averaged over the training slides. Slides that did not measure every panel gene are refused
+    (SCVI cannot mask genes; the VAE can).
+
     Parameters
     ----------
     {doc_sdata}
@@ -129,8 +137,16 @@ def fit_molf(
         More arguments for :meth:`histoflow.models.MoLF.train` (``lr``, ``patience``, ``checkpoint_dir``, ...).
     {doc_copy}
     **config
-        Model settings (:class:`histoflow.models.MoLFConfig`): ``spatial_context``, ``velocity``, ``n_experts``,
-        ``top_k``, ``expert``, ``latent_dim``, ``guidance``, ...
+        Model settings (:class:`histoflow.models.MoLFConfig`): ``spatial_context`` (``"window"``, the default:
+        Transformer over the spot and its neighbours; ``"graph"``: graph transformer with distance and
+        visual-similarity edge features, ``graph_layers`` deep; None: the spot alone), ``context_radius_um``,
+        ``max_context``, ``velocity``, ``n_experts``, ``top_k``, ``expert``, ``latent_dim``, ``guidance``,
+        ``latent`` (``"vae"``, the default, or ``"scvi"``) with ``scvi_n_hidden``, ``scvi_n_layers``, ``scvi_epochs``,
+        ``scvi_library_size``, ``scvi_gene_likelihood``, ``scvi_counts_layer``, ... ``router`` picks each spot's
+        experts: ``"input"`` (MoLF's gate on the noisy latent, time and condition), ``"condition"`` (the condition
+        only), ``"image+metadata"`` (HistoMoE: the condition next to learned embeddings of the ``metadata_keys``
+        codes) or ``"cancer_type"`` (one expert per cancer type, hard routing, ``n_experts`` set from
+        ``obs[cancer_type_key]``; an unknown type uses the uniform mixture of all experts).
 
     Returns
     -------
@@ -138,7 +154,7 @@ def fit_molf(
     ``obsm[key_added]`` (DataFrame spots × panel genes, log1p), ``layers[key_added]`` when the table's genes are
     exactly the panel, ``obsm[f"{key_added}_std"]`` when ``n_samples > 1``, ``obsm[f"X_{key_added}_latent"]``,
     ``obsm[f"{key_added}_routing"]`` (gate weights per expert) and ``uns[key_added]`` (parameters, loss history of both
-    stages with every loss term and the expert load, versions).
+    stages, ``"vae"`` or ``"scvi"`` then ``"flow"``, with every loss term and the expert load, versions).
     """
     from histoflow.models import MoLF
 
@@ -186,7 +202,7 @@ def fit_molf(
 
 @doc_params()
 def predict(
-    model: MoLF,
+    model: MoLF | FLAG,
     sdata: SpatialData | AnnData,
     *,
     table_key: str = Key.table,
@@ -196,7 +212,7 @@ def predict(
     seed: int = 0,
     allow_unknown: bool = False,
     embed: bool = True,
-    key_added: str = "molf",
+    key_added: str | None = None,
     copy: bool = False,
 ) -> SpatialData | AnnData | None:
     """Predict expression with a trained model for every spot of ``sdata`` (expression is not needed).
@@ -207,7 +223,7 @@ def predict(
     Parameters
     ----------
     model
-        A trained :class:`~histoflow.models.MoLF`.
+        A trained :class:`~histoflow.models.MoLF` or :class:`~histoflow.models.FLAG`.
     {doc_sdata}
     steps
         Euler steps (1 = one velocity evaluation; with guidance that is two forward passes).
@@ -223,7 +239,8 @@ def predict(
     embed
         Embed missing patch features with the model's encoder.
     key_added
-        Key of the predictions.
+        Key of the predictions; default the model's class name in lower case (``"molf"``, ``"flag"``), the default
+        key of its ``fit_*`` function.
     {doc_copy}
 
     Returns
@@ -231,6 +248,7 @@ def predict(
     Writes the same keys as :func:`fit_molf` (``uns[key_added]`` holds the prediction parameters); returns the copy
     when ``copy=True``.
     """
+    key_added = type(model).__name__.lower() if key_added is None else key_added
     target = copy_data(sdata, table_key) if copy else sdata
     table = get_table(target, table_key)
     reg = model.registry

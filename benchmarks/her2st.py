@@ -1,0 +1,383 @@
+"""Real-data benchmark: HER2ST, leave one section out, MoLF against its dense ablation and the baselines.
+
+    python benchmarks/her2st.py [--path ../shared/data/her2st] [--sections C2 C3 C4 C5 C6]
+                                [--methods molf dense mlp ridge] [--panels hvg50 hallmark] [--epochs 200]
+                                [--vae-extra] [--quick] [--threads 2] [--csv results.csv]
+    python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
+
+HER2ST mode (DESIGN.md "Targets on real data"): the sections with an H&E image (C2–C6, patient C) are read with
+``io.read_her2st``; patch features come from ``pp.embed_patches`` (``efficientnet_lite0``, HEST convention: 112 µm
+cut to 224 px) and are cached (``--cache``). Each section is the test section once; of the other four, the next one
+(cyclically) is the validation section (early stopping for MoLF and the MLP) and the remaining three are training
+sections. Targets: ``log1p`` of raw counts. Panels, chosen on the training sections only:
+
+- ``hvg50``: the top 50 highly variable genes (scanpy ``seurat_v3`` on raw counts, ``pp.select_genes``);
+- ``hallmark``: every MSigDB Hallmark gene measured, with MoLF's variance tiers (low/mid/high), scored per tier.
+
+With ``--vae-extra``, MoLF's Stage I (the gene VAE) is also trained on the 25 count-only sections of the other
+patients (expression only; Stage II sees only the training sections). MoLF variants choose their guidance scale by
+filter-and-rank on the validation section and predict the mean of ``--n-samples`` draws. Every method is scored on
+the test section with ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE,
+MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains
+(k-means on PCA, ARI/NMI against the domains of the truth). Values are mean ± std over the folds; times are per
+fold (fit and predict; the features are shared and timed once).
+
+HEST-Bench mode (``--hest-bench``): reads a HEST-Bench task folder (``<DIR>/<TASK>/adata/<id>.h5ad``,
+``splits/{train,test}_<k>.csv``, ``var_50genes.json``, features either precomputed as
+``<features>/<TASK>/<encoder>/fp32/<id>.h5`` with ``embeddings`` and ``barcodes``, or embedded from
+``patches/<id>.h5`` with ``--encoder``), runs the same methods on every fold and prints the same table with HEST-Bench's
+aggregation (PCC per gene over all test spots of the fold, mean over the 50 genes, mean ± std over folds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import histoflow as hf
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = Path(os.environ.get("HISTOFLOW_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+IMAGED = ["C2", "C3", "C4", "C5", "C6"]
+METRICS = [
+    ("pcc", "PCC"),
+    ("pcc@10", "PCC@10"),
+    ("mse", "MSE"),
+    ("mae", "MAE"),
+    ("rvd", "RVD"),
+    ("gsc", "GSC"),
+    ("ssc", "SSC"),
+    ("wasserstein_spot", "W1 spot"),
+    ("cosine", "cos dist"),
+    ("domain_ari", "domain ARI"),
+]
+METHOD_LABELS = {
+    "molf": "MoLF (MoE, window context)",
+    "dense": "MoLF, dense velocity",
+    "bag": "MoLF, no spatial context",
+    "scvi": "MoLF, scVI latent",
+    "graph": "MoLF, graph context",
+    "mlp": "MLP",
+    "ridge": "ridge (HEST probe)",
+}
+MOLF_VARIANTS = {
+    "molf": {},
+    "dense": {"velocity": "dense"},
+    "bag": {"spatial_context": None},
+    "scvi": {"latent": "scvi"},
+    "graph": {"spatial_context": "graph"},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def load_her2st(args: argparse.Namespace):
+    """HER2ST sections with images (+ count-only sections for ``--vae-extra``), normalised, with patch features."""
+    path = Path(args.path)
+    t = time.perf_counter()
+    sdata = hf.io.read_her2st(path, sections=args.sections)
+    table = sdata.tables["table"]
+    hf.pp.normalize(sdata)
+    key = f"X_{args.encoder}"
+    cache = Path(args.cache) / f"her2st_{args.encoder}_{args.patch_px}px_{'_'.join(args.sections)}.npz"
+    if cache.is_file():
+        blob = np.load(cache, allow_pickle=False)
+        if list(blob["obs_names"]) == list(table.obs_names):
+            table.obsm[key] = blob["features"]
+    embed_s = np.nan
+    if key not in table.obsm:
+        t0 = time.perf_counter()
+        hf.pp.embed_patches(sdata, args.encoder, patch_px=args.patch_px, show_progress_bar=False)
+        embed_s = time.perf_counter() - t0
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, obs_names=np.asarray(table.obs_names, dtype=str), features=table.obsm[key])
+    extra = None
+    if args.vae_extra:
+        from histoflow.io._her2st import her2st_sections
+
+        others = [s for s in her2st_sections(path) if s not in args.sections]
+        extra = hf.io.read_her2st(path, sections=others, load_images=False).tables["table"]
+        hf.pp.normalize(extra)
+    how = "cached" if np.isnan(embed_s) else f"embedded in {embed_s:.0f} s"
+    print(
+        f"HER2ST: {table.n_obs} spots in {len(args.sections)} sections, {table.n_vars} genes; features {key} "
+        f"({how}); read in {time.perf_counter() - t:.0f} s"
+        + (f"; Stage-I extra: {extra.n_obs} spots from {extra.obs['library_id'].nunique()} sections" if extra else "")
+    )
+    return sdata, extra
+
+
+def her2st_folds(sections: list[str]) -> list[dict[str, str]]:
+    """Leave one section out; the next section (cyclically) validates, the rest train."""
+    folds = []
+    for i, test in enumerate(sections):
+        val = sections[(i + 1) % len(sections)]
+        folds.append({s: ("test" if s == test else "val" if s == val else "train") for s in sections})
+    return folds
+
+
+def select_panel(sdata, panel: str, gmt: Path) -> list[str]:
+    table = sdata.tables["table"]
+    train = (table.obs["split"] == "train").to_numpy()
+    if panel == "hvg50":
+        hf.pp.select_genes(sdata, "hvg", n_top=50, groupby=None, mask_obs=train)
+    elif panel == "hallmark":
+        hf.pp.select_genes(sdata, "hallmark", gene_sets=gmt, mask_obs=train)
+    else:
+        raise ValueError(f"unknown panel {panel!r}")
+    return table.var_names[table.var["histoflow_panel"].to_numpy()].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# methods
+
+
+def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[float, float]:
+    """Fit ``method`` on the current split and predict every spot; returns (fit s, predict s)."""
+    key = f"bench_{method}"
+    t = time.perf_counter()
+    if method in ("mlp", "ridge"):
+        hf.tl.fit_baseline(sdata, kind=method, key_added=key, accelerator="cpu", devices=1, seed=args.seed)
+        return time.perf_counter() - t, np.nan
+    cfg = dict(MOLF_VARIANTS[method])
+    train_kwargs = {"show_progress_bar": False, "patience": args.patience}
+    model = hf.models.MoLF(sdata.tables["table"], embedding_key=f"X_{args.encoder}", **cfg, seed=args.seed)
+    if extra is not None and cfg.get("latent", "vae") == "vae":
+        train_kwargs["vae_extra"] = extra
+    model.train(args.epochs, batch_size=args.batch_size, accelerator="cpu", devices=1, **train_kwargs)
+    if args.select_guidance:  # MoLF's appendix C: filter-and-rank on the validation section
+        hf.tl.select_guidance(model, sdata, n_samples=args.n_samples, key_added=key)
+    fit_s = time.perf_counter() - t
+    t = time.perf_counter()
+    hf.tl.predict(model, sdata, n_samples=args.n_samples, key_added=key)
+    return fit_s, time.perf_counter() - t
+
+
+def score(sdata, method: str, split: str = "test") -> dict[str, float]:
+    df = hf.tl.evaluate(sdata, pred_key=f"bench_{method}", split=split, k=10, inplace=False, n_domains=4)
+    out = {}
+    sel = df[(df["group"] == "all") & (df["aggregation"].isin(["pooled", "per_spot", "per_slide"]))]
+    for gs, sub in sel.groupby("gene_set"):
+        for m, _ in METRICS:
+            rows = sub[sub["metric"] == m]
+            if len(rows):
+                pooled = rows[rows["aggregation"] == "pooled"]
+                out[(gs, m)] = float((pooled if len(pooled) else rows)["value"].iloc[0])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tables
+
+
+def print_table(results: pd.DataFrame, panel: str, gene_set: str, title: str) -> None:
+    sub = results[(results["panel"] == panel) & (results["gene_set"] == gene_set)]
+    if sub.empty:
+        return
+    metrics = [(m, lab) for m, lab in METRICS if m in set(sub["metric"])]
+    print(f"\n{title}\n")
+    print("| method | " + " | ".join(lab for _, lab in metrics) + " | fit s / fold | predict s / fold |")
+    print("|---|" + "---|" * (len(metrics) + 2))
+    for method in dict.fromkeys(sub["method"]):
+        m_rows = sub[sub["method"] == method]
+        cells = []
+        for m, _ in metrics:
+            v = m_rows.loc[m_rows["metric"] == m, "value"].to_numpy()
+            cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if len(v) else "n/a")
+        times = m_rows.drop_duplicates("fold")
+        fit = np.nanmedian(times["fit_s"])
+        pred = np.nanmedian(times["predict_s"]) if times["predict_s"].notna().any() else np.nan
+        pred_cell = "incl." if np.isnan(pred) else f"{pred:.1f}"
+        print(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + f" | {fit:.1f} | {pred_cell} |")
+
+
+def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
+    sdata, extra = load_her2st(args)
+    table = sdata.tables["table"]
+    gmt = DEFAULT_DATA / "genesets" / "h.all.v7.0.symbols.gmt"
+    records = []
+    folds = her2st_folds(args.sections)
+    if args.folds:
+        folds = [folds[i] for i in args.folds]
+    for fold in folds:
+        test = next(s for s, v in fold.items() if v == "test")
+        table.obs["split"] = pd.Categorical(table.obs["library_id"].astype(str).map(fold))
+        for panel in args.panels:
+            genes = select_panel(sdata, panel, gmt)
+            for method in args.methods:
+                fit_s, pred_s = fit_method(sdata, method, args, extra)
+                vals = score(sdata, method)
+                for (gs, m), v in vals.items():
+                    records.append((test, panel, method, gs, m, v, fit_s, pred_s))
+                print(
+                    f"  fold {test} {panel} ({len(genes)} genes) {method}: PCC {vals.get(('all', 'pcc'), np.nan):.3f}"
+                    f" GSC {vals.get(('all', 'gsc'), np.nan):.3f} SSC {vals.get(('all', 'ssc'), np.nan):.3f}"
+                    f" fit {fit_s:.0f} s",
+                    flush=True,
+                )
+    return pd.DataFrame.from_records(
+        records, columns=["fold", "panel", "method", "gene_set", "metric", "value", "fit_s", "predict_s"]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# HEST-Bench
+
+
+def read_hest_bench_task(root: Path, task: str, *, features: Path | None, encoder: str, patch_px: int):
+    """One HEST-Bench task as an AnnData table: raw counts, log1p, features, ``obs['library_id']``."""
+    import anndata as ad
+    import h5py
+
+    tdir = root / task
+    if not (tdir / "adata").is_dir():
+        raise FileNotFoundError(f"{tdir} has no adata/ folder; point --hest-bench at the HEST-Bench root.")
+    genes = json.loads((tdir / "var_50genes.json").read_text())
+    genes = genes["genes"] if isinstance(genes, dict) else genes
+    tables = []
+    for f in sorted((tdir / "adata").glob("*.h5ad")):
+        a = ad.read_h5ad(f)
+        sid = f.stem
+        missing = [g for g in genes if g not in a.var_names]
+        if missing:
+            raise ValueError(f"{f} lacks panel genes {missing[:5]}")
+        a = a[:, genes].copy()
+        a.obs_names = [f"{sid}:{b}" for b in a.obs_names]
+        a.obs["library_id"] = sid
+        if features is not None:
+            with h5py.File(features / task / encoder / "fp32" / f"{sid}.h5") as h:
+                emb = np.asarray(h["embeddings"], dtype=np.float32)
+                bc = [b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(h["barcodes"]).ravel()]
+        else:
+            emb, bc = _embed_hest_patches(tdir / "patches" / f"{sid}.h5", encoder, patch_px)
+        pos = pd.Index([f"{sid}:{b}" for b in bc]).get_indexer(a.obs_names)
+        if (pos < 0).any():
+            raise ValueError(f"{sid}: {(pos < 0).sum()} spots have no features")
+        a.obsm[f"X_{encoder}"] = emb[pos]
+        tables.append(a)
+    table = ad.concat(tables, merge="same")
+    table.obs["library_id"] = pd.Categorical(table.obs["library_id"])
+    table.obs["pixel_size_um"] = 0.5
+    table.obs["technology"] = "Visium"
+    hf.pp.normalize(table)
+    table.var["histoflow_panel"] = True
+    return table
+
+
+def _embed_hest_patches(path: Path, encoder: str, patch_px: int) -> tuple[np.ndarray, list[str]]:
+    import h5py
+    import torch
+
+    from histoflow.pp._patches import _Preprocess
+
+    enc = hf.pp.get_encoder(encoder)
+    enc.model.eval()
+    with h5py.File(path) as h:
+        img = np.asarray(h["img"])
+        bc = [b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(h["barcode"]).ravel()]
+    prep = _Preprocess(enc, torch.device("cpu"), img.shape[1])
+    with torch.inference_mode():
+        out = [enc(prep(img[s : s + 64])).float().numpy() for s in range(0, len(img), 64)]
+    return np.concatenate(out), bc
+
+
+def run_hest_bench(args: argparse.Namespace) -> pd.DataFrame:
+    root = Path(args.hest_bench)
+    feats = Path(args.features) if args.features else None
+    table = read_hest_bench_task(root, args.task, features=feats, encoder=args.encoder, patch_px=args.patch_px)
+    splits = sorted((root / args.task / "splits").glob("train_*.csv"))
+    records = []
+    for tr in splits:
+        k = tr.stem.split("_")[1]
+        te = tr.with_name(f"test_{k}.csv")
+        train_ids = set(pd.read_csv(tr)["sample_id"].astype(str))
+        test_ids = set(pd.read_csv(te)["sample_id"].astype(str))
+        lib = table.obs["library_id"].astype(str)
+        train_sorted = sorted(train_ids)
+        val_ids = {train_sorted[-1]} if len(train_sorted) > 2 else set()  # early stopping needs a held-out sample
+        table.obs["split"] = pd.Categorical(
+            np.where(lib.isin(test_ids), "test", np.where(lib.isin(val_ids), "val", "train"))
+        )
+        for method in args.methods:
+            fit_s, pred_s = fit_method(table, method, args, None)
+            vals = score(table, method)
+            for (gs, m), v in vals.items():
+                records.append((f"split{k}", "hvg50", method, gs, m, v, fit_s, pred_s))
+            print(f"  split {k} {method}: PCC {vals.get(('all', 'pcc'), np.nan):.3f} fit {fit_s:.0f} s", flush=True)
+    return pd.DataFrame.from_records(
+        records, columns=["fold", "panel", "method", "gene_set", "metric", "value", "fit_s", "predict_s"]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", default=str(DEFAULT_DATA / "her2st"), help="HER2ST data folder")
+    p.add_argument("--sections", nargs="+", default=IMAGED)
+    p.add_argument("--folds", nargs="+", type=int, help="run only these folds (0-based)")
+    p.add_argument("--methods", nargs="+", default=["molf", "dense", "mlp", "ridge"], choices=list(METHOD_LABELS))
+    p.add_argument("--panels", nargs="+", default=["hvg50", "hallmark"], choices=["hvg50", "hallmark"])
+    p.add_argument("--encoder", default="efficientnet_lite0")
+    p.add_argument("--patch-px", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--n-samples", type=int, default=4, help="MoLF draws per spot (the prediction is their mean)")
+    p.add_argument(
+        "--no-guidance-selection",
+        dest="select_guidance",
+        action="store_false",
+        help="keep guidance 1 instead of choosing it by filter-and-rank on the validation section",
+    )
+    p.add_argument("--vae-extra", action="store_true", help="train Stage I also on the count-only sections")
+    p.add_argument("--quick", action="store_true", help="2 folds, HVG-50 only, 40 epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "histoflow" / "bench"))
+    p.add_argument("--csv", help="write the per-fold results here")
+    p.add_argument("--hest-bench", help="HEST-Bench root folder (HEST-Bench mode)")
+    p.add_argument("--task", default="IDC", help="HEST-Bench task")
+    p.add_argument("--features", help="HEST-Bench embedding root (<features>/<TASK>/<encoder>/fp32/<id>.h5)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.folds = args.folds or [0, 1]
+        args.panels = ["hvg50"]
+        args.epochs = min(args.epochs, 40)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("histoflow").setLevel(logging.WARNING)
+    t = time.perf_counter()
+    results = run_hest_bench(args) if args.hest_bench else run_her2st(args)
+    for panel in dict.fromkeys(results["panel"]):
+        print_table(
+            results, panel, "all", f"### {panel}: all panel genes (mean ± std over {results['fold'].nunique()} folds)"
+        )
+        for gs in sorted(g for g in set(results.loc[results["panel"] == panel, "gene_set"]) if g.startswith("tier:")):
+            print_table(results, panel, gs, f"### {panel}: Hallmark variance {gs}")
+    print(
+        f"\nTotal {time.perf_counter() - t:.0f} s. Command: python benchmarks/her2st.py {' '.join(argv or [])}".rstrip()
+    )
+    if args.csv:
+        results.to_csv(args.csv, index=False)
+    return results
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
