@@ -1,4 +1,4 @@
-"""nox sessions: tests, lint, bench, docs (tutorials arrive with their notebooks)."""
+"""nox sessions: tests, lint, bench, docs, tutorials."""
 
 from __future__ import annotations
 
@@ -32,3 +32,15 @@ def docs(session: nox.Session) -> None:
     """Build the documentation: nitpicky, warnings are errors (``HISTOFLOW_DOCS_OFFLINE=1`` skips intersphinx)."""
     session.install("-e", ".[docs]")
     session.run("sphinx-build", "-W", "-n", "--keep-going", "-b", "html", "docs", "docs/_build/html", *session.posargs)
+
+
+@nox.session(python="3.11")
+def tutorials(session: nox.Session) -> None:
+    """Execute every notebook of docs/tutorials and docs/gallery.ipynb; fails on any cell error.
+
+    The notebooks are executed into a temporary copy (the checkout is not rewritten); ``nox -s tutorials --
+    --inplace`` saves the new outputs into them instead. Other arguments go to ``docs/tutorials/run.py`` (notebook
+    paths, ``--timeout``).
+    """
+    session.install("-e", ".[test,tutorials]")
+    session.run("python", "docs/tutorials/run.py", "--timeout", "1200", *session.posargs)

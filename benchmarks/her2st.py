@@ -25,7 +25,8 @@ fold (fit and predict; the features are shared and timed once).
 HEST-Bench mode (``--hest-bench``): reads a HEST-Bench task folder (``<DIR>/<TASK>/adata/<id>.h5ad``,
 ``splits/{train,test}_<k>.csv``, ``var_50genes.json``, features either precomputed as
 ``<features>/<TASK>/<encoder>/fp32/<id>.h5`` with ``embeddings`` and ``barcodes``, or embedded from
-``patches/<id>.h5`` with ``--encoder``), runs the same methods on every fold and prints the same table with HEST-Bench's
+``patches/<id>.h5`` with ``--encoder``), holds out the last training sample of each fold (by id) for early stopping,
+runs the same methods on every fold and prints the same table with HEST-Bench's
 aggregation (PCC per gene over all test spots of the fold, mean over the 50 genes, mean ± std over folds).
 """
 
@@ -147,7 +148,15 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
     key = f"bench_{method}"
     t = time.perf_counter()
     if method in ("mlp", "ridge"):
-        hf.tl.fit_baseline(sdata, kind=method, key_added=key, accelerator="cpu", devices=1, seed=args.seed)
+        hf.tl.fit_baseline(
+            sdata,
+            kind=method,
+            embedding_key=f"X_{args.encoder}",
+            key_added=key,
+            accelerator="cpu",
+            devices=1,
+            seed=args.seed,
+        )
         return time.perf_counter() - t, np.nan
     cfg = dict(MOLF_VARIANTS[method])
     train_kwargs = {"show_progress_bar": False, "patience": args.patience}
@@ -269,6 +278,7 @@ def read_hest_bench_task(root: Path, task: str, *, features: Path | None, encode
     table.obs["library_id"] = pd.Categorical(table.obs["library_id"])
     table.obs["pixel_size_um"] = 0.5
     table.obs["technology"] = "Visium"
+    table.obs["cancer_type"] = pd.Categorical([task] * table.n_obs)  # a HEST-Bench task is one cancer type
     hf.pp.normalize(table)
     table.var["histoflow_panel"] = True
     return table
@@ -304,7 +314,7 @@ def run_hest_bench(args: argparse.Namespace) -> pd.DataFrame:
         test_ids = set(pd.read_csv(te)["sample_id"].astype(str))
         lib = table.obs["library_id"].astype(str)
         train_sorted = sorted(train_ids)
-        val_ids = {train_sorted[-1]} if len(train_sorted) > 2 else set()  # early stopping needs a held-out sample
+        val_ids = {train_sorted[-1]} if len(train_sorted) >= 2 else set()  # early stopping needs a held-out sample
         table.obs["split"] = pd.Categorical(
             np.where(lib.isin(test_ids), "test", np.where(lib.isin(val_ids), "val", "train"))
         )

@@ -1,0 +1,100 @@
+"""The real-data harness (benchmarks/her2st.py): its HEST-Bench mode on a tiny folder in HEST-Bench's on-disk format."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("her2st_bench", REPO / "benchmarks" / "her2st.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _hest_bench(root: Path, features: Path, n_samples: int = 4, n_spots: int = 60, n_genes: int = 12) -> list[str]:
+    """``<root>/IDC/{adata,splits,var_50genes.json}`` and ``<features>/IDC/enc/fp32/<id>.h5`` (HEST-Bench layout)."""
+    rng = np.random.default_rng(0)
+    task = root / "IDC"
+    (task / "adata").mkdir(parents=True)
+    (task / "splits").mkdir()
+    (features / "IDC" / "enc" / "fp32").mkdir(parents=True)
+    genes = [f"G{i}" for i in range(n_genes + 3)]
+    ids = [f"TENX{i}" for i in range(n_samples)]
+    load = rng.normal(size=(4, n_genes + 3))
+    for sid in ids:
+        grid = np.stack(np.meshgrid(np.arange(10), np.arange(6)), -1).reshape(-1, 2)[:n_spots]
+        latent = np.c_[np.sin(grid[:, 0] / 2), np.cos(grid[:, 1] / 2), rng.normal(size=(n_spots, 2))]
+        counts = rng.poisson(np.exp(1 + 0.8 * latent @ load)).astype(np.float32)
+        barcodes = [f"AAAC{j:04d}-1" for j in range(n_spots)]
+        a = ad.AnnData(counts, obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=genes))
+        a.obsm["spatial"] = grid * 200.0
+        a.write_h5ad(task / "adata" / f"{sid}.h5ad")
+        order = rng.permutation(n_spots)  # the feature file lists spots in its own order: joined by barcode
+        emb = np.c_[latent, rng.normal(size=(n_spots, 12))].astype(np.float32)
+        with h5py.File(features / "IDC" / "enc" / "fp32" / f"{sid}.h5", "w") as h:
+            h["embeddings"] = emb[order]
+            h["barcodes"] = np.asarray([barcodes[j].encode() for j in order])[:, None]
+            h["coords"] = (grid * 200)[order]
+    (task / "var_50genes.json").write_text(json.dumps({"genes": genes[:n_genes]}))
+    for k, test in enumerate([ids[:2], ids[2:]]):
+        train = [s for s in ids if s not in test]
+        for name, members in (("train", train), ("test", test)):
+            pd.DataFrame(
+                {"sample_id": members, "patches_path": [f"patches/{s}.h5" for s in members],
+                 "expr_path": [f"adata/{s}.h5ad" for s in members]}
+            ).to_csv(task / "splits" / f"{name}_{k}.csv", index=False)  # fmt: skip
+    return ids
+
+
+def test_hest_bench_mode_reads_the_layout_and_scores_every_fold(tmp_path, capsys):
+    harness = _harness()
+    ids = _hest_bench(tmp_path / "bench", tmp_path / "feats")
+    table = harness.read_hest_bench_task(
+        tmp_path / "bench", "IDC", features=tmp_path / "feats", encoder="enc", patch_px=224
+    )
+    assert table.n_obs == 4 * 60 and list(table.var_names) == [f"G{i}" for i in range(12)]
+    assert sorted(table.obs["library_id"].unique()) == ids
+    # features joined by barcode, not by row order: the first two feature columns are the spot's latent programs
+    first = table[table.obs["library_id"] == ids[0]]
+    grid = np.stack(np.meshgrid(np.arange(10), np.arange(6)), -1).reshape(-1, 2)
+    np.testing.assert_allclose(first.obsm["X_enc"][:, 0], np.sin(grid[:, 0] / 2), atol=1e-6)
+    X = np.asarray(table.X.todense() if hasattr(table.X, "todense") else table.X)
+    log1p = table.layers["log1p"]
+    np.testing.assert_allclose(np.asarray(log1p.todense() if hasattr(log1p, "todense") else log1p), np.log1p(X))
+
+    results = harness.main(
+        ["--hest-bench", str(tmp_path / "bench"), "--task", "IDC", "--features", str(tmp_path / "feats"),
+         "--encoder", "enc", "--methods", "ridge", "mlp", "--threads", "1", "--cache", str(tmp_path / "cache")]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert set(results["fold"]) == {"split0", "split1"} and set(results["method"]) == {"ridge", "mlp"}
+    pcc = results[(results["metric"] == "pcc") & (results["gene_set"] == "all")]
+    assert len(pcc) == 4 and pcc["value"].between(-1, 1).all()
+    assert pcc.groupby("method")["value"].mean().max() > 0.3  # the features carry the expression programs
+    assert "| ridge (HEST probe) |" in out and "mean ± std over 2 folds" in out
+
+
+def test_her2st_folds_leave_one_section_out():
+    folds = _harness().her2st_folds(["C2", "C3", "C4", "C5", "C6"])
+    assert len(folds) == 5
+    for i, fold in enumerate(folds):
+        assert list(fold.values()).count("test") == 1 and list(fold.values()).count("val") == 1
+        assert fold[["C2", "C3", "C4", "C5", "C6"][i]] == "test"
+    assert [next(s for s, v in f.items() if v == "test") for f in folds] == ["C2", "C3", "C4", "C5", "C6"]
+
+
+@pytest.mark.parametrize("bad", ["missing"])
+def test_hest_bench_mode_without_adata_folder_is_a_clear_error(tmp_path, bad):
+    with pytest.raises(FileNotFoundError, match="adata"):
+        _harness().read_hest_bench_task(tmp_path, "IDC", features=None, encoder="enc", patch_px=224)
