@@ -156,7 +156,7 @@ def test_defaults_are_those_of_the_python_api():
     # what the commands fill in when an option is left out
     d = api_defaults()
     assert d["fit_molf"]["max_epochs"] == 300 and d["fit_baseline"]["max_epochs"] == 100
-    assert d["predict"]["steps"] == 1 and d["predict"]["n_samples"] == 1 and d["predict"]["key_added"] == "molf"
+    assert d["predict"]["steps"] == 1 and d["predict"]["n_samples"] == 1 and d["predict"]["key_added"] is None
 
 
 # ---------------------------------------------------------------------------------------------------------- runs

@@ -1054,7 +1054,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=prd["seed"], help="seed of the prior noise")
     p.add_argument("--allow-unknown", action="store_true", help="predict unseen cancer types with the null token")
     p.add_argument(
-        "--key-added", default=None, help=f"key of the predictions (default {prd['key_added']!r}, or the model name)"
+        "--key-added", default=None, help="key of the predictions (default: the model's name, molf, mlp or ridge)"
     )
     p.set_defaults(func=_cmd_predict, parser=p)
 

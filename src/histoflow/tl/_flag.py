@@ -6,13 +6,12 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
 from histoflow._constants import Key
 from histoflow._docs import doc_params
 from histoflow._utils import copy_data, get_table
-from histoflow.tl._molf import _write
+from histoflow.tl._molf import _train_predict_write
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -129,29 +128,16 @@ def fit_flag(
         seed=seed,
         **config,
     )
-    model.train(
-        max_epochs,
-        batch_size=batch_size,
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        seed=seed,
-        **(train_kwargs or {}),
-    )
-    rows = np.arange(table.n_obs)
-    res = model.predict(table, rows=rows, steps=steps, n_samples=n_samples, seed=seed)
-    _write(
-        table,
+    _train_predict_write(
         model,
-        key_added,
-        rows,
-        res,
-        {
-            "steps": steps,
-            "n_samples": n_samples,
-            "seed": seed,
-            "guidance": model.config.guidance,
-            "embedding_key": embedding_key,
-        },
+        table,
+        max_epochs=max_epochs,
+        train={"batch_size": batch_size, "accelerator": accelerator, "devices": devices, "strategy": strategy},
+        train_kwargs=train_kwargs,
+        steps=steps,
+        n_samples=n_samples,
+        seed=seed,
+        key_added=key_added,
+        embedding_key=embedding_key,
     )
     return (model, target) if copy else model

@@ -172,32 +172,40 @@ def fit_molf(
         seed=seed,
         **config,
     )
-    model.train(
-        max_epochs,
-        batch_size=batch_size,
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        seed=seed,
-        **(train_kwargs or {}),
-    )
-    rows = np.arange(table.n_obs)
-    res = model.predict(table, rows=rows, steps=steps, n_samples=n_samples, seed=seed)
-    _write(
-        table,
+    _train_predict_write(
         model,
-        key_added,
-        rows,
-        res,
-        {
-            "steps": steps,
-            "n_samples": n_samples,
-            "seed": seed,
-            "guidance": model.config.guidance,
-            "embedding_key": embedding_key,
-        },
+        table,
+        max_epochs=max_epochs,
+        train={"batch_size": batch_size, "accelerator": accelerator, "devices": devices, "strategy": strategy},
+        train_kwargs=train_kwargs,
+        steps=steps,
+        n_samples=n_samples,
+        seed=seed,
+        key_added=key_added,
+        embedding_key=embedding_key,
     )
     return (model, target) if copy else model
+
+
+def _train_predict_write(
+    model: Any,
+    table: AnnData,
+    *,
+    max_epochs: int,
+    train: dict[str, Any],
+    train_kwargs: dict[str, Any] | None,
+    steps: int,
+    n_samples: int,
+    seed: int,
+    key_added: str,
+    embedding_key: str,
+) -> None:
+    """Train a flow model (MoLF, FLAG) on ``table``, predict every spot and write the predictions (``fit_*``)."""
+    model.train(max_epochs, seed=seed, **train, **(train_kwargs or {}))
+    rows = np.arange(table.n_obs)
+    res = model.predict(table, rows=rows, steps=steps, n_samples=n_samples, seed=seed)
+    params = {"steps": steps, "n_samples": n_samples, "seed": seed, "guidance": model.config.guidance}
+    _write(table, model, key_added, rows, res, {**params, "embedding_key": embedding_key})
 
 
 @doc_params()
