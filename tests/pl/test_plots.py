@@ -230,6 +230,9 @@ def test_metrics_bars_and_error_bars(constructed):
     both = pd.concat([s.assign(method="A"), s.assign(method="B")])
     ax = hf.pl.metrics(both, "pcc", **NS)
     assert len(ax.patches) == 6 and ax.get_legend().get_title().get_text() == "method"
+    # several metrics and several methods cannot share one bar: a clear error, not an average of metrics
+    with pytest.raises(ValueError, match="average different metrics"):
+        hf.pl.metrics(both, ["pcc", "gsc"], **NS)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -387,6 +387,11 @@ def metrics(
         hue = "method" if "method" in sel.columns else ("metric" if len(wanted) > 1 else None)
     elif hue not in sel.columns:
         raise KeyError(f"`hue={hue!r}` is not a column of `data` (columns: {list(sel.columns)}).")
+    if len(wanted) > 1 and hue != "metric":
+        raise ValueError(
+            f"`metric={wanted}` with bars coloured by {hue!r} would average different metrics into one bar; plot one "
+            "metric per call (e.g. one `ax` each) or pass `hue='metric'`."
+        )
     has_fold = "fold" in sel.columns
     keys = [position] + ([hue] if hue else [])
     if has_fold:
