@@ -450,6 +450,7 @@ class FLAG:
     _arrays = MoLF._arrays
     _check_table = MoLF._check_table
     _fit = MoLF._fit
+    _libraries_by_split = MoLF._libraries_by_split
 
     def __init__(
         self,
@@ -663,12 +664,7 @@ class FLAG:
         self.history["flow"] = self._fit(module, train_dl, val_dl, max_epochs, ckpt, resume, common)
         self.flow = module.flow.cpu().eval()
         self.is_trained = True
-        self._train_libraries = {
-            k: sorted(pd.unique(adata.obs[self.keys["library_key"]].astype(str).to_numpy()[v]).tolist())
-            if self.keys["library_key"] in adata.obs
-            else []
-            for k, v in split.items()
-        }
+        self._train_libraries = self._libraries_by_split(adata, split)
         return self
 
     # ---------------------------------------------------------------- prediction

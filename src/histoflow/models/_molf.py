@@ -606,13 +606,16 @@ class MoLF:
         self.history["flow"] = self._fit(flow_mod, flow_train, flow_val, max_epochs, stage_dir("flow"), resume, common)
         self.flow = flow_mod.flow.cpu().eval()
         self.is_trained = True
-        self._train_libraries = {
-            k: sorted(pd.unique(adata.obs[self.keys["library_key"]].astype(str).to_numpy()[v]).tolist())
-            if self.keys["library_key"] in adata.obs
-            else []
-            for k, v in split.items()
-        }
+        self._train_libraries = self._libraries_by_split(adata, split)
         return self
+
+    def _libraries_by_split(self, adata: AnnData, split: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        """The slides of each split (saved with the model, written to ``uns``)."""
+        key = self.keys["library_key"]
+        if key not in adata.obs:
+            return {k: [] for k in split}
+        libs = adata.obs[key].astype(str).to_numpy()
+        return {k: sorted(pd.unique(libs[v]).tolist()) for k, v in split.items()}
 
     def _fit(
         self,
