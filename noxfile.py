@@ -1,6 +1,8 @@
-"""nox sessions: tests, lint, bench, docs, tutorials."""
+"""nox sessions: tests, lint, bench, her2st, docs, tutorials."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
@@ -21,10 +23,31 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "docs", "noxfile.py")
 
 
+BENCHMARKS = sorted(p.stem for p in Path(__file__).parent.joinpath("benchmarks").glob("*.py"))
+
+
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
+    """Run one benchmark script: ``nox -s bench -- NAME [ARGS]`` runs ``benchmarks/NAME.py ARGS``.
+
+    The scripts print tables (see docs/benchmarks.md for the command behind each published one).
+    """
+    if not session.posargs or session.posargs[0] not in BENCHMARKS:
+        session.error(f"name the benchmark to run: nox -s bench -- NAME [ARGS], NAME one of {', '.join(BENCHMARKS)}")
+    name, *args = session.posargs
     session.install("-e", ".")
-    session.run("python", "benchmarks/embed.py", *session.posargs)
+    session.run("python", f"benchmarks/{name}.py", *args)
+
+
+@nox.session(python="3.11")
+def her2st(session: nox.Session) -> None:
+    """The real-data harness (``benchmarks/her2st.py``): HER2ST leave one section out, or a HEST-Bench folder.
+
+    Arguments go to the script, e.g. ``nox -s her2st -- --panels hvg50 --methods molf dense mlp ridge`` or
+    ``nox -s her2st -- --hest-bench DIR --task IDC --features DIR``.
+    """
+    session.install("-e", ".[scvi]")  # --methods scvi
+    session.run("python", "benchmarks/her2st.py", *session.posargs)
 
 
 @nox.session(python="3.11")

@@ -42,6 +42,10 @@ _LIBRARY_ERRORS = (KeyError, ValueError, FileNotFoundError, FileExistsError, Typ
 _LOG = logging.getLogger("histoflow")
 # `histoflow demo` trains for at most this many epochs per stage (the API's 300 would take long on a laptop CPU)
 DEMO_EPOCHS = 60
+# ... on batches of this many spots (the demo's ~1k training spots make 16 optimiser steps per epoch, not 4)
+DEMO_FIT_BATCH = 64
+# MoLF settings of the demo (a 50-gene panel needs no 128-d latent); `--set` overrides them
+DEMO_SETTINGS: dict[str, Any] = {"latent_dim": 32}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -702,6 +706,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"argument --baselines: unknown baseline(s) {bad}; choose from mlp, ridge (comma-separated) or none"
         )
     config, train = _parse_settings(parser, args.set, "molf")
+    config = {**DEMO_SETTINGS, **config}
     _check_encoder(parser, args.encoder, None)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -771,6 +776,7 @@ def _demo(args: argparse.Namespace) -> int:
         sdata,
         embedding_key=emb,
         max_epochs=molf_epochs,
+        batch_size=args.fit_batch_size,
         seed=args.seed,
         train_kwargs={"show_progress_bar": not args.quiet, **train},
         **config,
@@ -788,7 +794,9 @@ def _demo(args: argparse.Namespace) -> int:
     keys = ["molf"]
     for kind in baselines:
         t = step(f"tl.fit_baseline: {kind} on the same features → obsm[{kind!r}]")
-        kw: dict[str, Any] = {"enable_progress_bar": not args.quiet} if kind == "mlp" else {}
+        kw: dict[str, Any] = (
+            {"enable_progress_bar": not args.quiet, "batch_size": args.fit_batch_size} if kind == "mlp" else {}
+        )
         hf.tl.fit_baseline(
             sdata,
             kind,
@@ -961,10 +969,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"to minutes on a laptop CPU; `histoflow fit` and the Python API default to {mol['max_epochs']})",
     )
     demo.add_argument(
+        "--fit-batch-size",
+        type=_positive_int,
+        default=DEMO_FIT_BATCH,
+        help=f"spots per training batch of MoLF and the MLP (the API's default is {mol['batch_size']}; the demo's "
+        "small training set needs smaller batches for enough optimiser steps)",
+    )
+    demo.add_argument(
         "--baselines", default="ridge,mlp", help="baselines fitted beside MoLF (comma-separated: ridge, mlp; or none)"
     )
     demo.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="MoLF setting (histoflow.models.MoLFConfig), repeatable"
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="MoLF setting (histoflow.models.MoLFConfig), repeatable; the demo sets "
+        + ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items()),
     )
     demo.add_argument("--seed", type=int, default=mol["seed"])
     demo.add_argument("--out", default=_DEMO_OUT, help="folder for the report (report.md, metrics.csv, figures)")

@@ -31,7 +31,7 @@ import scipy.sparse as sp
 
 from histoflow._constants import Key
 from histoflow._docs import doc_params
-from histoflow._logging import logger
+from histoflow._logging import logger, quiet
 from histoflow._utils import get_table
 from histoflow._validate import check_choice, check_finite, check_obs_key, check_obsm_key
 
@@ -841,7 +841,8 @@ def spatial_connectivity(
         obs = pd.DataFrame({"library": pd.Categorical(libs[rows])}, index=pd.RangeIndex(rows.size).astype(str))
         tmp = AnnData(obs=obs, obsm={"spatial": coords[rows]})
         build = sq.gr.spatial_neighbors_grid if ctype == "grid" else sq.gr.spatial_neighbors_knn
-        res = build(tmp, spatial_key="spatial", library_key="library", n_neighs=k, copy=True)
+        with quiet("spatialdata._logging"):  # squidpy logs "Creating graph ..." there; the line below says it once
+            res = build(tmp, spatial_key="spatial", library_key="library", n_neighs=k, copy=True)
         A = sp.coo_matrix(res.connectivities)
         rows_all.append(rows[A.row])
         cols_all.append(rows[A.col])
