@@ -105,3 +105,13 @@ def test_copy_and_path_embeddings(tmp_path):
     with pytest.raises(ValueError, match="covers none"):
         hf.tl.fit_flag(a, gene_embeddings=emb.rename(index=lambda g: f"X{g}"), **FIT, **SMALL)
     assert "flag" not in a.obsm  # nothing written on failure
+
+
+def test_ddp_two_cpu_processes_with_alignment():
+    a = _table()
+    emb = hf.pp.gene_embeddings_from_gene_sets(_gene_sets(), n_components=4)
+    m = FLAG(a, embedding_key="X_feat", gene_embeddings=emb, **SMALL)
+    m.train(2, batch_size=32, accelerator="cpu", devices=2, strategy="ddp_spawn", show_progress_bar=False)
+    assert m.is_trained and len(m.history["flow"]) == 2
+    assert np.isfinite(m.history["flow"]["train_align"]).all()  # the alignment term was computed in both processes
+    assert np.isfinite(m.predict(a)["mean"]).all()

@@ -222,9 +222,25 @@ def test_bad_inputs():
         m.train(1)
 
 
-def test_ddp_two_cpu_processes():
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"spatial_context": "graph", "graph_layers": 1, "router": "image+metadata", "metadata_keys": ["cancer_type"]},
+        {"router": "cancer_type", "metadata_keys": ["cancer_type"]},
+    ],
+    ids=["window-input-router", "graph-image+metadata-router", "cancer_type-router"],
+)
+def test_ddp_two_cpu_processes(variant):
     a = _table()
-    m = MoLF(a, embedding_key="X_feat", **SMALL)
+    config = {**SMALL, **variant}
+    if variant.get("router") == "cancer_type":
+        config.update(n_experts=3, top_k=1)  # one expert per cancer type (3 in the table)
+    m = MoLF(a, embedding_key="X_feat", **config)
     m.train(2, batch_size=32, accelerator="cpu", devices=2, strategy="ddp_spawn", show_progress_bar=False)
     assert m.is_trained and len(m.history["flow"]) == 2 and "val_loss" in m.history["flow"]
-    assert np.isfinite(m.predict(a)["mean"]).all()
+    out = m.predict(a)
+    assert np.isfinite(out["mean"]).all()
+    if variant.get("router") == "cancer_type":  # routed by type after DDP too: one expert per type, weight 1
+        codes = a.obs["cancer_type"].astype("category").cat.codes.to_numpy()
+        assert (out["routing"].argmax(1) == codes).all() and np.allclose(out["routing"].max(1), 1.0)
