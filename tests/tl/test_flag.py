@@ -115,3 +115,14 @@ def test_ddp_two_cpu_processes_with_alignment():
     assert m.is_trained and len(m.history["flow"]) == 2
     assert np.isfinite(m.history["flow"]["train_align"]).all()  # the alignment term was computed in both processes
     assert np.isfinite(m.predict(a)["mean"]).all()
+
+
+def test_predict_bad_arguments_and_no_table(fitted, tmp_path):
+    a, model = fitted
+    with pytest.raises(ValueError, match=r"`n_samples` must be an integer of at least 1, got 0"):
+        model.predict(a, n_samples=0)
+    with pytest.raises(ValueError, match=r"`steps` must be an integer of at least 1, got 0"):
+        model.predict(a, steps=0)
+    model.save(tmp_path / "f")
+    with pytest.raises(ValueError, match=r"No table: pass `adata`, or load the model with `FLAG.load\(path, adata="):
+        FLAG.load(tmp_path / "f").predict()

@@ -244,3 +244,26 @@ def test_ddp_two_cpu_processes(variant):
     if variant.get("router") == "cancer_type":  # routed by type after DDP too: one expert per type, weight 1
         codes = a.obs["cancer_type"].astype("category").cat.codes.to_numpy()
         assert (out["routing"].argmax(1) == codes).all() and np.allclose(out["routing"].max(1), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_samples": 0}, r"`n_samples` must be an integer of at least 1, got 0"),
+        ({"n_samples": 1.5}, r"`n_samples` must be an integer"),
+        ({"steps": 0}, r"`steps` must be an integer of at least 1, got 0"),
+        ({"steps": True}, r"`steps` must be an integer"),
+    ],
+)
+def test_predict_bad_arguments_name_the_argument(fitted, kwargs, match):
+    a, model = fitted
+    with pytest.raises(ValueError, match=match):
+        model.predict(a, **kwargs)
+
+
+def test_predict_without_a_table_says_how_to_attach_one(fitted, tmp_path):
+    _, model = fitted
+    model.save(tmp_path / "m")
+    loaded = MoLF.load(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"No table: pass `adata`, or load the model with `MoLF.load\(path, adata="):
+        loaded.predict()

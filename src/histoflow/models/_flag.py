@@ -38,7 +38,7 @@ from histoflow.models._data import (
     split_rows,
     targets,
 )
-from histoflow.models._molf import MoLF, _Gather, _loader, _Subset
+from histoflow.models._molf import MoLF, _draw, _loader, _prediction_inputs, _spot_conditions, _Subset
 from histoflow.models._train import atomic_dir, seed_everything
 from histoflow.models._vae import masked_mse
 from histoflow.models._velocity import ConditionEncoder, timestep_embedding
@@ -716,70 +716,21 @@ class FLAG:
         spots × genes), ``routing`` (spots × 1, ones: a dense model), ``metadata_attention`` (with metadata) and
         ``trajectory`` (``steps + 1`` × spots × genes, when recorded).
         """
-        if not self.is_trained:
-            raise RuntimeError("The model is not trained; call `.train()` first or load a trained model.")
-        adata = self.adata if adata is None else adata
-        if adata is None:
-            raise ValueError("No table: pass `adata`, or load the model with `FLAG.load(path, adata=...)`.")
-        check_compatible(self.registry, adata)
-        rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
+        adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples)
         w = self.config.guidance if guidance is None else float(guidance)
-        if n_samples < 1:
-            raise ValueError(f"`n_samples` must be at least 1, got {n_samples}.")
-        if steps < 1:
-            raise ValueError(f"`steps` must be at least 1, got {steps}.")
         arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
         dev = torch.device(device)
         flow = self.flow.to(dev).eval()
         n, g = len(rows), len(self.registry.genes)
-        proj = torch.cat(
-            [flow.condition.project(arrays["feats"][s : s + batch_size].to(dev)) for s in range(0, n, batch_size)]
-        )
-        gather = _Gather({**arrays, "feats": proj}, nbr, off)
-        conds, attns = [], []
-        for s in range(0, n, batch_size):
-            b = gather(list(range(s, min(s + batch_size, n))))
-            b = {k: v.to(dev) for k, v in b.items()}
-            c, a = flow.condition.forward_projected(b["feats"], b.get("offsets"), b.get("valid"), b.get("meta"))
-            conds.append(c)
-            if a is not None:
-                attns.append(a.cpu())
-        cond = torch.cat(conds)
-        gen = torch.Generator().manual_seed(int(seed))
-        total = torch.zeros(n, g)
-        total_sq = torch.zeros_like(total)
-        lat = torch.zeros(n, self.config.d_model)
-        z0_first = traj = None
-        for k in range(n_samples):
-            x0 = torch.randn(n, g, generator=gen)
-            if k == 0:
-                z0_first = x0
-            trajs = []
-            for s in range(0, n, batch_size):
-                sl = slice(s, min(s + batch_size, n))
-                rec = record_trajectories and k == 0
-                out = flow.sample(cond[sl], x0[sl].to(dev), steps=steps, guidance=w, record=rec)
-                x = out["x1"].clamp_min(0).cpu()
-                total[sl] += x
-                total_sq[sl] += x**2
-                lat[sl] += out["latent"].cpu()
-                if rec:
-                    trajs.append(out["trajectory"].cpu())
-            if trajs:
-                traj = torch.cat(trajs, dim=1)
-        mean = total / n_samples
-        res: dict[str, np.ndarray] = {
-            "mean": mean.numpy(),
-            "latent": (lat / n_samples).numpy(),
-            "z0": z0_first.numpy(),
-            "routing": np.ones((n, 1), dtype=np.float32),
-        }
-        if n_samples > 1:
-            res["std"] = (total_sq / n_samples - mean**2).clamp_min(0).sqrt().numpy()
+        cond, attns = _spot_conditions(flow.condition, arrays, nbr, off, batch_size, dev)
+
+        def sample(sl: slice, x0: torch.Tensor, record: bool) -> dict[str, torch.Tensor]:
+            out = flow.sample(cond[sl], x0.to(dev), steps=steps, guidance=w, record=record)
+            return {**out, "x": out["x1"]}
+
+        res = _draw(sample, n, g, n_samples=n_samples, seed=seed, batch_size=batch_size, record=record_trajectories)
         if attns:
             res["metadata_attention"] = torch.cat(attns).numpy()
-        if traj is not None:
-            res["trajectory"] = traj.numpy()
         self.flow.cpu()
         return res
 

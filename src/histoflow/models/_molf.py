@@ -692,71 +692,23 @@ class MoLF:
         ``z0`` (the first sample's noise), ``routing`` (mean gate weights, spots × experts), ``metadata_attention``,
         ``trajectory`` (when recorded).
         """
-        if not self.is_trained:
-            raise RuntimeError("The model is not trained; call `.train()` first or load a trained model.")
-        adata = self.adata if adata is None else adata
-        check_compatible(self.registry, adata)
-        rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
+        adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples)
         w = self.config.guidance if guidance is None else float(guidance)
-        if n_samples < 1:
-            raise ValueError(f"`n_samples` must be at least 1, got {n_samples}.")
         arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
         dev = torch.device(device)
         flow, dec = self.flow.to(dev).eval(), self._decoder().to(dev).eval()
-        n, L_ = len(rows), self.config.latent_dim
-        # project every spot's features once; neighbour tokens are then gathered from the projections
-        proj = torch.cat(
-            [flow.condition.project(arrays["feats"][s : s + batch_size].to(dev)) for s in range(0, n, batch_size)]
-        )
-        gather = _Gather({**arrays, "feats": proj}, nbr, off)
-        conds, attns = [], []
-        for s in range(0, n, batch_size):
-            b = gather(list(range(s, min(s + batch_size, n))))
-            b = {k: v.to(dev) for k, v in b.items()}
-            c, a = flow.condition.forward_projected(b["feats"], b.get("offsets"), b.get("valid"), b.get("meta"))
-            conds.append(c)
-            if a is not None:
-                attns.append(a.cpu())
-        cond = torch.cat(conds)
-        gen = torch.Generator().manual_seed(int(seed))
-        total = torch.zeros(n, len(self.registry.genes))
-        total_sq = torch.zeros_like(total)
-        lat = torch.zeros(n, L_)
-        routing = torch.zeros(n, self.n_experts)
-        z0_first = traj = None
-        for k in range(n_samples):
-            z0 = torch.randn(n, L_, generator=gen)
-            if k == 0:
-                z0_first = z0
-            trajs = []
-            for s in range(0, n, batch_size):
-                sl = slice(s, min(s + batch_size, n))
-                meta = arrays["meta"][sl].to(dev) if "meta" in arrays else None  # for the metadata routers
-                out = flow.sample(
-                    cond[sl], z0[sl].to(dev), meta=meta, steps=steps, guidance=w, record=record_trajectories and k == 0
-                )
-                x = dec(out["z1"]).clamp_min(0).cpu()
-                total[sl] += x
-                total_sq[sl] += x**2
-                lat[sl] += out["z1"].cpu()
-                routing[sl] += out["routing"].cpu()
-                if record_trajectories and k == 0:
-                    trajs.append(out["trajectory"].cpu())
-            if trajs:
-                traj = torch.cat(trajs, dim=1)
-        mean = total / n_samples
-        res: dict[str, np.ndarray] = {
-            "mean": mean.numpy(),
-            "latent": (lat / n_samples).numpy(),
-            "z0": z0_first.numpy(),
-            "routing": (routing / n_samples).numpy(),
-        }
-        if n_samples > 1:
-            res["std"] = (total_sq / n_samples - mean**2).clamp_min(0).sqrt().numpy()
+        n = len(rows)
+        cond, attns = _spot_conditions(flow.condition, arrays, nbr, off, batch_size, dev)
+
+        def sample(sl: slice, z0: torch.Tensor, record: bool) -> dict[str, torch.Tensor]:
+            meta = arrays["meta"][sl].to(dev) if "meta" in arrays else None  # for the metadata routers
+            out = flow.sample(cond[sl], z0.to(dev), meta=meta, steps=steps, guidance=w, record=record)
+            return {**out, "x": dec(out["z1"]), "latent": out["z1"]}
+
+        res = _draw(sample, n, self.config.latent_dim, n_samples=n_samples, seed=seed, batch_size=batch_size,
+                    record=record_trajectories)  # fmt: skip
         if attns:
             res["metadata_attention"] = torch.cat(attns).numpy()
-        if traj is not None:
-            res["trajectory"] = traj.numpy()
         self.flow.cpu()
         self._decoder().cpu()
         return res
@@ -875,6 +827,100 @@ class MoLF:
                 f"The table has {len(present)} of the model's {len(self.registry.genes)} genes; a table with other "
                 "genes cannot be used with this model (an image-only table with no panel genes can)."
             )
+
+
+def _prediction_inputs(
+    model: Any, adata: AnnData | None, rows: np.ndarray | None, steps: int, n_samples: int
+) -> tuple[AnnData, np.ndarray]:
+    """Checks shared by ``predict`` of MoLF and FLAG; returns the table to predict and the row positions."""
+    name = type(model).__name__
+    if not model.is_trained:
+        raise RuntimeError("The model is not trained; call `.train()` first or load a trained model.")
+    adata = model.adata if adata is None else adata
+    if adata is None:
+        raise ValueError(f"No table: pass `adata`, or load the model with `{name}.load(path, adata=...)`.")
+    check_compatible(model.registry, adata)
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
+        raise ValueError(f"`n_samples` must be an integer of at least 1, got {n_samples!r}.")
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
+        raise ValueError(f"`steps` must be an integer of at least 1, got {steps!r}.")
+    return adata, (np.arange(adata.n_obs) if rows is None else np.asarray(rows))
+
+
+def _spot_conditions(
+    condition: nn.Module,
+    arrays: dict[str, torch.Tensor],
+    nbr: torch.Tensor | None,
+    off: torch.Tensor | None,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The condition of every spot (computed once for all draws and steps) and the metadata attention weights.
+
+    Every spot's features are projected once; the neighbour tokens of the spatial context are then gathered from the
+    projections, not projected again per window.
+    """
+    n = arrays["feats"].shape[0]
+    proj = torch.cat(
+        [condition.project(arrays["feats"][s : s + batch_size].to(device)) for s in range(0, n, batch_size)]
+    )
+    gather = _Gather({**arrays, "feats": proj}, nbr, off)
+    conds, attns = [], []
+    for s in range(0, n, batch_size):
+        b = {k: v.to(device) for k, v in gather(list(range(s, min(s + batch_size, n)))).items()}
+        c, a = condition.forward_projected(b["feats"], b.get("offsets"), b.get("valid"), b.get("meta"))
+        conds.append(c)
+        if a is not None:
+            attns.append(a.cpu())
+    return torch.cat(conds), attns
+
+
+def _draw(
+    sample: Any, n: int, noise_dim: int, *, n_samples: int, seed: int, batch_size: int, record: bool
+) -> dict[str, np.ndarray]:
+    """``n_samples`` draws for ``n`` spots from seeded prior noise, in batches; their mean, spread and summaries.
+
+    ``sample(rows, z0, record)`` maps a slice of spots and its prior noise (``len × noise_dim``) to ``x`` (log1p
+    expression), ``latent`` and, optionally, ``routing`` and ``trajectory`` (when ``record``). Returns ``mean``
+    (clipped at 0), ``std`` (``n_samples > 1``), ``latent`` and ``routing`` (means over draws; routing is a column
+    of ones when ``sample`` gives none: a dense model), ``z0`` (the first draw's noise) and ``trajectory`` (the first
+    draw's, when recorded). The same ``seed`` gives the same noise, hence the same numbers.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    total = total_sq = lat = routing = z0_first = traj = None
+    for k in range(n_samples):
+        z0 = torch.randn(n, noise_dim, generator=gen)
+        if k == 0:
+            z0_first = z0
+        trajs = []
+        for s in range(0, n, batch_size):
+            sl = slice(s, min(s + batch_size, n))
+            out = sample(sl, z0[sl], record and k == 0)
+            x = out["x"].clamp_min(0).cpu()
+            if total is None:
+                total, total_sq = torch.zeros(n, x.shape[1]), torch.zeros(n, x.shape[1])
+                lat = torch.zeros(n, out["latent"].shape[1])
+                routing = torch.zeros(n, out["routing"].shape[1] if "routing" in out else 1)
+            total[sl] += x
+            total_sq[sl] += x**2
+            lat[sl] += out["latent"].cpu()
+            routing[sl] += out["routing"].cpu() if "routing" in out else 1.0
+            if record and k == 0:
+                trajs.append(out["trajectory"].cpu())
+        if trajs:
+            traj = torch.cat(trajs, dim=1)
+    mean = total / n_samples
+    res: dict[str, np.ndarray] = {
+        "mean": mean.numpy(),
+        "latent": (lat / n_samples).numpy(),
+        "z0": z0_first.numpy(),
+        "routing": (routing / n_samples).numpy(),
+    }
+    if n_samples > 1:
+        res["std"] = (total_sq / n_samples - mean**2).clamp_min(0).sqrt().numpy()
+    if traj is not None:
+        res["trajectory"] = traj.numpy()
+    return res
 
 
 def _extra_targets(table: AnnData, genes: Sequence[str], layer: str | None, library_key: str) -> dict[str, np.ndarray]:
