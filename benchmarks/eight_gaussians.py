@@ -1,7 +1,7 @@
 """MoLF Table 1: conditional eight Gaussians, MoE-Transformer velocity vs the dense Transformer ablation.
 
     python benchmarks/eight_gaussians.py --threads 1 [--seeds 0 1 2] [--steps 1500] [--quick]
-        [--models moe moe-cond dense moe-oracle]
+        [--models moe moe-cond moe-cond-top2 dense moe-oracle]
 
 Setting (MoLF section 4.1 and appendix A.3): ``c = (cos θ, sin θ)``, ``z ~ N(μ_k, 0.01 I)`` with the eight means
 on a ring of radius 3 (``histoflow.datasets.eight_gaussians``). The condition enters the velocity field directly
@@ -15,6 +15,10 @@ sampled with ``LatentFlow.sample`` (Euler from N(0, I)):
 - MoE, router on c (``moe-cond``, not MoLF's published setting): the same MoE, but the router sees ``c`` alone
   (``router="condition"``) rather than ``LayerNorm([z_t, 64-d time embedding, c])``, whose 68 inputs are mostly
   the time embedding.
+- MoE, router on c, top-2 (``moe-cond-top2``): the router on ``c`` with two experts per input (gates renormalised
+  over the kept pair, MoLF's default for real data) and a stronger load-balancing weight ``λ_aux = 0.1``. With two
+  experts the router gets a comparative signal (the gradient of a logit is the difference of the two experts'
+  outputs), which top-1 lacks; with ``λ_aux = 0.01`` it leaves most experts unused.
 
 Top-1 gating is Switch-Transformer style (``MixtureOfExperts``): the chosen expert's output is scaled by its full
 softmax probability, so the router learns from the flow loss (a renormalised top-1 gate is identically 1 and would
@@ -91,6 +95,7 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     lambda_aux: float = 0.01
+    lambda_aux_top2: float = 0.1  # the top-2 variant: stronger balancing (0.01 leaves experts unused)
     gate_noise: float = 1e-2
     n_train: int = 50_000
     n_test: int = 4_000
@@ -105,6 +110,8 @@ def make_velocity(kind: str, cfg: Config) -> VelocityField:
         return VelocityField(velocity="moe", top_k=1, gate_noise=cfg.gate_noise, **common)
     if kind == "moe-cond":
         return VelocityField(velocity="moe", top_k=1, gate_noise=cfg.gate_noise, router="condition", **common)
+    if kind == "moe-cond-top2":
+        return VelocityField(velocity="moe", top_k=2, gate_noise=cfg.gate_noise, router="condition", **common)
     if kind == "moe-oracle":  # hard routing by the true mode (the mode index as a metadata code)
         return VelocityField(velocity="moe", router="cancer_type", metadata_sizes=[8], **common)
     return VelocityField(velocity="dense", **common)
@@ -127,9 +134,8 @@ def train(kind: str, seed: int, cfg: Config) -> tuple[LatentFlow, float, float]:
     for step in range(cfg.steps):
         idx = torch.randint(0, cfg.n_train, (cfg.batch_size,), generator=gen)
         batch = {"z1": z[idx], "feats": c[idx]} | ({"meta": mode[idx]} if kind == "moe-oracle" else {})
-        out = model.loss(
-            batch, nn.Identity(), p_uncond=0.0, p_meta_drop=0.0, lambda_gene=0.0, lambda_aux=cfg.lambda_aux
-        )
+        aux = cfg.lambda_aux_top2 if kind == "moe-cond-top2" else cfg.lambda_aux
+        out = model.loss(batch, nn.Identity(), p_uncond=0.0, p_meta_drop=0.0, lambda_gene=0.0, lambda_aux=aux)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -198,6 +204,7 @@ def fmt(values: list[float]) -> str:
 NAMES = {
     "moe": "MoE (8 × w32 1-head, top-1)",
     "moe-cond": "MoE, router on c only",
+    "moe-cond-top2": "MoE, router on c, top-2",
     "dense": "dense (w256 8-head)",
     "moe-oracle": "MoE, oracle routing by mode",
 }
