@@ -13,11 +13,10 @@ from :func:`histoflow.pp.gene_embeddings_from_gene_sets`).
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +37,18 @@ from histoflow.models._data import (
     split_rows,
     targets,
 )
-from histoflow.models._molf import MoLF, _draw, _loader, _prediction_inputs, _spot_conditions, _Subset
-from histoflow.models._train import atomic_dir, seed_everything
+from histoflow.models._molf import (
+    MoLF,
+    _draw,
+    _load_folder,
+    _loader,
+    _prediction_inputs,
+    _save_folder,
+    _saved_meta,
+    _spot_conditions,
+    _Subset,
+)
+from histoflow.models._train import seed_everything
 from histoflow.models._vae import masked_mse
 from histoflow.models._velocity import ConditionEncoder, timestep_embedding
 
@@ -47,8 +56,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 __all__ = ["FLAG", "FLAGConfig", "GeneTokenDenoiser", "GeneTokenFlow", "alignment_loss"]
-
-_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -760,19 +767,11 @@ class FLAG:
             Replace an existing folder.
         """
         meta = {
-            "format": _FORMAT_VERSION,
-            "class": type(self).__name__,
-            "config": asdict(self.config),
-            "registry": self.registry.to_dict(),
-            "keys": self.keys,
+            **_saved_meta(self),
             "alignment": self.alignment,
             "align_dim": int(self.flow.align_target.shape[1]) if self.flow.aligned else 0,
-            "is_trained": self.is_trained,
-            "train_libraries": getattr(self, "_train_libraries", {}),
         }
-        with atomic_dir(dir_path, overwrite=overwrite) as tmp:
-            torch.save({"meta": meta, "flow": self.flow.state_dict(), "history": dict(self.history)}, tmp / "model.pt")
-            (tmp / "model.json").write_text(json.dumps(meta, indent=1, default=str))
+        _save_folder(self, dir_path, overwrite, meta, {})
 
     @classmethod
     def load(cls, dir_path: str | Path, adata: AnnData | None = None) -> FLAG:
@@ -785,13 +784,8 @@ class FLAG:
         adata
             Table to attach (for prediction or further training); checked for compatibility.
         """
-        path = Path(dir_path) / "model.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"No saved model at {str(dir_path)!r} (missing model.pt).")
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = _load_folder(cls, dir_path)
         meta = blob["meta"]
-        if meta.get("class") != cls.__name__:
-            raise ValueError(f"{str(dir_path)!r} holds a {meta.get('class')}, not a {cls.__name__}.")
         self = cls.__new__(cls)
         self.config = FLAGConfig(**meta["config"])
         self.registry = Registry.from_dict(meta["registry"])

@@ -746,27 +746,14 @@ class MoLF:
             Replace an existing folder.
         """
         meta = {
-            "format": _FORMAT_VERSION,
-            "class": type(self).__name__,
-            "config": asdict(self.config),
-            "registry": self.registry.to_dict(),
-            "keys": self.keys,
-            "is_trained": self.is_trained,
-            "train_libraries": getattr(self, "_train_libraries", {}),
+            **_saved_meta(self),
             "scvi": None if self.scvi is None else self.scvi.spec,  # rebuilds the scvi Stage I without scvi
         }
-        with atomic_dir(dir_path, overwrite=overwrite) as tmp:
-            torch.save(
-                {
-                    "meta": meta,
-                    "vae": None if self.vae is None else self.vae.state_dict(),
-                    "scvi": None if self.scvi is None else self.scvi.state_dict(),
-                    "flow": self.flow.state_dict(),
-                    "history": dict(self.history),
-                },
-                tmp / "model.pt",
-            )
-            (tmp / "model.json").write_text(json.dumps(meta, indent=1, default=str))
+        state = {
+            "vae": None if self.vae is None else self.vae.state_dict(),
+            "scvi": None if self.scvi is None else self.scvi.state_dict(),
+        }
+        _save_folder(self, dir_path, overwrite, meta, state)
 
     @classmethod
     def load(cls, dir_path: str | Path, adata: AnnData | None = None) -> MoLF:
@@ -779,13 +766,8 @@ class MoLF:
         adata
             Table to attach (for prediction or further training); checked for compatibility.
         """
-        path = Path(dir_path) / "model.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"No saved model at {str(dir_path)!r} (missing model.pt).")
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = _load_folder(cls, dir_path)
         meta = blob["meta"]
-        if meta.get("class") != cls.__name__:
-            raise ValueError(f"{str(dir_path)!r} holds a {meta.get('class')}, not a {cls.__name__}.")
         self = cls.__new__(cls)
         self.config = MoLFConfig(**meta["config"])
         self.registry = Registry.from_dict(meta["registry"])
@@ -827,6 +809,41 @@ class MoLF:
                 f"The table has {len(present)} of the model's {len(self.registry.genes)} genes; a table with other "
                 "genes cannot be used with this model (an image-only table with no panel genes can)."
             )
+
+
+def _saved_meta(model: Any) -> dict[str, Any]:
+    """The metadata MoLF and FLAG both save: format, class, config, registry, keys, state, training slides."""
+    return {
+        "format": _FORMAT_VERSION,
+        "class": type(model).__name__,
+        "config": asdict(model.config),
+        "registry": model.registry.to_dict(),
+        "keys": model.keys,
+        "is_trained": model.is_trained,
+        "train_libraries": getattr(model, "_train_libraries", {}),
+    }
+
+
+def _save_folder(
+    model: Any, dir_path: str | Path, overwrite: bool, meta: dict[str, Any], state: dict[str, Any]
+) -> None:
+    """Write ``model.pt`` (meta, the flow's weights, ``state``, history) and ``model.json`` atomically."""
+    with atomic_dir(dir_path, overwrite=overwrite) as tmp:
+        blob = {"meta": meta, **state, "flow": model.flow.state_dict(), "history": dict(model.history)}
+        torch.save(blob, tmp / "model.pt")
+        (tmp / "model.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+def _load_folder(cls: type, dir_path: str | Path) -> dict[str, Any]:
+    """Read a folder written by :func:`_save_folder`; refuses a missing file and a model of another class."""
+    path = Path(dir_path) / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"No saved model at {str(dir_path)!r} (missing model.pt).")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    found = blob["meta"].get("class")
+    if found != cls.__name__:
+        raise ValueError(f"{str(dir_path)!r} holds a {found}, not a {cls.__name__}.")
+    return blob
 
 
 def _prediction_inputs(
