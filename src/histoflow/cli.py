@@ -42,7 +42,7 @@ _LIBRARY_ERRORS = (KeyError, ValueError, FileNotFoundError, FileExistsError, Typ
 _LOG = logging.getLogger("histoflow")
 # `histoflow demo` trains for at most this many epochs per stage (the API's 300 would take long on a laptop CPU)
 DEMO_EPOCHS = 60
-# ... on batches of this many spots (the demo's ~1k training spots make 16 optimiser steps per epoch, not 4)
+# ... on batches of this many spots (the demo's ~800 training spots make 12 optimiser steps per epoch, not 3)
 DEMO_FIT_BATCH = 64
 # MoLF settings of the demo (a 50-gene panel needs no 128-d latent); `--set` overrides them
 DEMO_SETTINGS: dict[str, Any] = {"latent_dim": 32}

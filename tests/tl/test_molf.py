@@ -253,6 +253,7 @@ def test_ddp_two_cpu_processes(variant):
         ({"n_samples": 1.5}, r"`n_samples` must be an integer"),
         ({"steps": 0}, r"`steps` must be an integer of at least 1, got 0"),
         ({"steps": True}, r"`steps` must be an integer"),
+        ({"rows": np.array([], dtype=int)}, r"Nothing to predict: .* `rows` selects none"),
     ],
 )
 def test_predict_bad_arguments_name_the_argument(fitted, kwargs, match):

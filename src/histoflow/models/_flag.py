@@ -735,7 +735,8 @@ class FLAG:
             out = flow.sample(cond[sl], x0.to(dev), steps=steps, guidance=w, record=record)
             return {**out, "x": out["x1"]}
 
-        res = _draw(sample, n, g, n_samples=n_samples, seed=seed, batch_size=batch_size, record=record_trajectories)
+        draws = {"n_samples": n_samples, "seed": seed, "batch_size": batch_size, "record": record_trajectories}
+        res = _draw(sample, n, g, (g, self.config.d_model, 1), **draws)
         if attns:
             res["metadata_attention"] = torch.cat(attns).numpy()
         self.flow.cpu()

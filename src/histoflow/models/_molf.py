@@ -705,8 +705,9 @@ class MoLF:
             out = flow.sample(cond[sl], z0.to(dev), meta=meta, steps=steps, guidance=w, record=record)
             return {**out, "x": dec(out["z1"]), "latent": out["z1"]}
 
-        res = _draw(sample, n, self.config.latent_dim, n_samples=n_samples, seed=seed, batch_size=batch_size,
-                    record=record_trajectories)  # fmt: skip
+        draws = {"n_samples": n_samples, "seed": seed, "batch_size": batch_size, "record": record_trajectories}
+        dims = (len(self.registry.genes), self.config.latent_dim, self.n_experts)
+        res = _draw(sample, n, self.config.latent_dim, dims, **draws)
         if attns:
             res["metadata_attention"] = torch.cat(attns).numpy()
         self.flow.cpu()
@@ -861,7 +862,10 @@ def _prediction_inputs(
         raise ValueError(f"`n_samples` must be an integer of at least 1, got {n_samples!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
         raise ValueError(f"`steps` must be an integer of at least 1, got {steps!r}.")
-    return adata, (np.arange(adata.n_obs) if rows is None else np.asarray(rows))
+    rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
+    if rows.size == 0:
+        raise ValueError("Nothing to predict: the table has no spots, or `rows` selects none.")
+    return adata, rows
 
 
 def _spot_conditions(
@@ -893,18 +897,29 @@ def _spot_conditions(
 
 
 def _draw(
-    sample: Any, n: int, noise_dim: int, *, n_samples: int, seed: int, batch_size: int, record: bool
+    sample: Any,
+    n: int,
+    noise_dim: int,
+    dims: tuple[int, int, int],
+    *,
+    n_samples: int,
+    seed: int,
+    batch_size: int,
+    record: bool,
 ) -> dict[str, np.ndarray]:
     """``n_samples`` draws for ``n`` spots from seeded prior noise, in batches; their mean, spread and summaries.
 
     ``sample(rows, z0, record)`` maps a slice of spots and its prior noise (``len × noise_dim``) to ``x`` (log1p
-    expression), ``latent`` and, optionally, ``routing`` and ``trajectory`` (when ``record``). Returns ``mean``
+    expression), ``latent`` and, optionally, ``routing`` and ``trajectory`` (when ``record``); ``dims`` are the widths
+    of ``x``, ``latent`` and ``routing``. Returns ``mean``
     (clipped at 0), ``std`` (``n_samples > 1``), ``latent`` and ``routing`` (means over draws; routing is a column
     of ones when ``sample`` gives none: a dense model), ``z0`` (the first draw's noise) and ``trajectory`` (the first
     draw's, when recorded). The same ``seed`` gives the same noise, hence the same numbers.
     """
     gen = torch.Generator().manual_seed(int(seed))
-    total = total_sq = lat = routing = z0_first = traj = None
+    total, total_sq = torch.zeros(n, dims[0]), torch.zeros(n, dims[0])
+    lat, routing = torch.zeros(n, dims[1]), torch.zeros(n, dims[2])
+    z0_first = traj = None
     for k in range(n_samples):
         z0 = torch.randn(n, noise_dim, generator=gen)
         if k == 0:
@@ -914,10 +929,6 @@ def _draw(
             sl = slice(s, min(s + batch_size, n))
             out = sample(sl, z0[sl], record and k == 0)
             x = out["x"].clamp_min(0).cpu()
-            if total is None:
-                total, total_sq = torch.zeros(n, x.shape[1]), torch.zeros(n, x.shape[1])
-                lat = torch.zeros(n, out["latent"].shape[1])
-                routing = torch.zeros(n, out["routing"].shape[1] if "routing" in out else 1)
             total[sl] += x
             total_sq[sl] += x**2
             lat[sl] += out["latent"].cpu()
