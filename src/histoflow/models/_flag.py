@@ -37,6 +37,7 @@ from histoflow.models._data import (
     split_rows,
     targets,
 )
+from histoflow.models._flow import draw_path
 from histoflow.models._molf import (
     MoLF,
     _draw,
@@ -253,16 +254,7 @@ class GeneTokenFlow(nn.Module):
         """
         x1 = batch["x"]
         mask = batch.get("mask")
-        b, dev = x1.shape[0], x1.device
-        drop = torch.rand(b, device=dev, generator=generator) < p_uncond
-        meta = batch.get("meta")
-        if meta is not None and p_meta_drop > 0:
-            hit = torch.rand(meta.shape, device=dev, generator=generator) < p_meta_drop
-            meta = torch.where(hit, torch.full_like(meta, -1), meta)
-        c, _ = self.condition(batch["feats"], batch.get("offsets"), batch.get("valid"), meta, drop)
-        x0 = torch.randn(x1.shape, device=dev, generator=generator)
-        t = torch.rand(b, 1, device=dev, generator=generator)
-        xt = (1 - t) * x0 + t * x1
+        c, _, _, x0, t, xt = draw_path(self.condition, batch, x1, p_uncond, p_meta_drop, generator)
         pad = None
         if mask is not None and not bool(mask.all()):
             pad = ~mask.bool()

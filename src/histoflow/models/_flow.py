@@ -11,7 +11,34 @@ from torch import nn
 from histoflow.models._vae import masked_mse
 from histoflow.models._velocity import ConditionEncoder, VelocityField
 
-__all__ = ["LatentFlow"]
+__all__ = ["LatentFlow", "draw_path"]
+
+
+def draw_path(
+    condition: nn.Module,
+    batch: dict[str, torch.Tensor],
+    x1: torch.Tensor,
+    p_uncond: float,
+    p_meta_drop: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One flow-matching training draw, shared by MoLF's latent flow and FLAG's gene-token flow.
+
+    Drops whole conditions with probability ``p_uncond`` (classifier-free guidance) and single metadata fields with
+    ``p_meta_drop`` (code -1, the null token), encodes the condition, draws the prior noise ``x0 ~ N(0, I)`` and
+    ``t ~ U(0, 1)``, and returns ``(c, meta, drop, x0, t, xt)`` with ``xt = (1 − t) x0 + t x1`` on the linear path.
+    ``generator`` fixes every draw (a validation loss that does not jitter).
+    """
+    b, dev = x1.shape[0], x1.device
+    drop = torch.rand(b, device=dev, generator=generator) < p_uncond
+    meta = batch.get("meta")
+    if meta is not None and p_meta_drop > 0:
+        hit = torch.rand(meta.shape, device=dev, generator=generator) < p_meta_drop
+        meta = torch.where(hit, torch.full_like(meta, -1), meta)
+    c, _ = condition(batch["feats"], batch.get("offsets"), batch.get("valid"), meta, drop)
+    x0 = torch.randn(x1.shape, device=dev, generator=generator)
+    t = torch.rand(b, 1, device=dev, generator=generator)
+    return c, meta, drop, x0, t, (1 - t) * x0 + t * x1
 
 
 class LatentFlow(nn.Module):
@@ -56,16 +83,7 @@ class LatentFlow(nn.Module):
         ``generator`` fixes the noise, times and dropout draws (used for a validation loss that does not jitter).
         """
         z1 = batch["z1"]
-        b, dev = z1.shape[0], z1.device
-        drop = torch.rand(b, device=dev, generator=generator) < p_uncond
-        meta = batch.get("meta")
-        if meta is not None and p_meta_drop > 0:
-            hit = torch.rand(meta.shape, device=dev, generator=generator) < p_meta_drop
-            meta = torch.where(hit, torch.full_like(meta, -1), meta)
-        c, _ = self.condition(batch["feats"], batch.get("offsets"), batch.get("valid"), meta, drop)
-        z0 = torch.randn(z1.shape, device=dev, generator=generator)
-        t = torch.rand(b, 1, device=dev, generator=generator)
-        zt = (1 - t) * z0 + t * z1
+        c, meta, drop, z0, t, zt = draw_path(self.condition, batch, z1, p_uncond, p_meta_drop, generator)
         route_meta = None
         if meta is not None and getattr(self.velocity, "uses_metadata", False):
             route_meta = torch.where(drop[:, None], torch.full_like(meta, -1), meta)  # the null branch is unconditional
