@@ -38,6 +38,11 @@ def sinusoidal_2d(xy_um: torch.Tensor, dim: int, min_wavelength_um: float = 10.0
     return nn.functional.pad(emb, (0, dim - emb.shape[-1]))
 
 
+def null_coded(code: torch.Tensor, n: int) -> torch.Tensor:
+    """Metadata codes as embedding rows: ``-1`` (unknown) becomes ``n``, the row of the field's learned null token."""
+    return torch.where(code < 0, torch.full_like(code, n), code).long()
+
+
 class ConditionEncoder(nn.Module):
     """Patch features (+ spatial context) + metadata → one condition vector per spot.
 
@@ -142,6 +147,55 @@ class ConditionEncoder(nn.Module):
         ff = last.linear2(last.dropout(last.activation(last.linear1(last.norm2(x)))))
         return (x + last.dropout2(ff))[:, 0]
 
+    def metadata_tokens(self, meta: torch.Tensor | None, b: int) -> torch.Tensor:
+        """Unprojected metadata keys/values of ``b`` spots: ``(b, n_memory + fields × tokens_per_value, cond_dim)``."""
+        tokens = [self.memory.expand(b, -1, -1)]
+        for j, emb in enumerate(self.meta):
+            tokens.append(emb(self._field_rows(meta, j, b)).view(b, self.tokens_per_value, self.cond_dim))
+        return torch.cat(tokens, dim=1)
+
+    def _field_rows(self, meta: torch.Tensor | None, j: int, b: int) -> torch.Tensor:
+        """Embedding rows of metadata field ``j`` for ``b`` spots: the codes, with the null row for -1 or no codes."""
+        if meta is None:
+            return torch.full((b,), self.metadata_sizes[j], dtype=torch.long, device=self.memory.device)
+        return null_coded(meta[:, j], self.metadata_sizes[j])
+
+    def _metadata_attention(self, c: torch.Tensor, meta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention of ``c`` over the metadata tokens: output ``(B, cond_dim)``, weights ``(B, n_keys)``.
+
+        The same function as ``self.cross`` (``nn.MultiheadAttention``) over :meth:`metadata_tokens`, but the keys and
+        values are projected once per memory token and per row of each field's embedding table (then gathered by
+        code) instead of once per spot: a spot's tokens depend only on its metadata codes. Weights are averaged over
+        heads (before attention dropout).
+        """
+        mha, d = self.cross, self.cond_dim
+        heads = mha.num_heads
+        dh, b = d // heads, c.shape[0]
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+        q = nn.functional.linear(c, w_q, b_q).view(b, heads, dh) * dh**-0.5
+        # memory tokens: shared by every spot, no gather
+        k_mem = nn.functional.linear(self.memory, w_k, b_k).view(-1, heads, dh)
+        v_mem = nn.functional.linear(self.memory, w_v, b_v).view(-1, heads, dh)
+        scores = [torch.einsum("bhd,thd->bht", q, k_mem)]
+        values = []
+        for j, emb in enumerate(self.meta):
+            code = self._field_rows(meta, j, b)
+            rows = emb.weight.view(emb.num_embeddings, self.tokens_per_value, d)
+            k = nn.functional.linear(rows, w_k, b_k).view(emb.num_embeddings, -1, heads, dh)[code]
+            values.append(nn.functional.linear(rows, w_v, b_v).view(emb.num_embeddings, -1, heads, dh)[code])
+            scores.append(torch.einsum("bhd,bthd->bht", q, k))
+        weights = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+        attn = weights.mean(dim=1)
+        weights = nn.functional.dropout(weights, mha.dropout, training=self.training)
+        n_mem = k_mem.shape[0]
+        out = torch.einsum("bht,thd->bhd", weights[..., :n_mem], v_mem)
+        for j, v in enumerate(values):
+            sl = slice(n_mem + j * self.tokens_per_value, n_mem + (j + 1) * self.tokens_per_value)
+            out = out + torch.einsum("bht,bthd->bhd", weights[..., sl], v)
+        out = out.reshape(b, d)
+        return mha.out_proj(out), attn
+
     def forward_projected(
         self,
         h: torch.Tensor,
@@ -161,16 +215,8 @@ class ConditionEncoder(nn.Module):
             c = h[:, 0] if h.ndim == 3 else h
         attn = None
         if self.metadata_sizes:
-            b = c.shape[0]
-            tokens = [self.memory.expand(b, -1, -1)]
-            for j, (emb, n) in enumerate(zip(self.meta, self.metadata_sizes)):
-                code = meta[:, j] if meta is not None else torch.full((b,), -1, device=c.device)
-                code = torch.where(code < 0, torch.full_like(code, n), code)
-                tokens.append(emb(code).view(b, self.tokens_per_value, self.cond_dim))
-            kv = torch.cat(tokens, dim=1)
-            out, attn = self.cross(c[:, None], kv, kv, need_weights=True)
-            c = self.cross_norm(c + out[:, 0])
-            attn = attn[:, 0]
+            out, attn = self._metadata_attention(c, meta)
+            c = self.cross_norm(c + out)
         if drop is not None:
             c = torch.where(drop[:, None], self.null.expand_as(c), c)
         return c, attn
@@ -373,8 +419,7 @@ class VelocityField(nn.Module):
         elif gate_input is None and self.router == "image+metadata":
             codes = self._meta_codes(meta, z.shape[0])
             embs = [
-                emb(torch.where(codes[:, j] < 0, torch.full_like(codes[:, j], n), codes[:, j]))
-                for j, (emb, n) in enumerate(zip(self.meta_embed, self.metadata_sizes))
+                emb(null_coded(codes[:, j], n)) for j, (emb, n) in enumerate(zip(self.meta_embed, self.metadata_sizes))
             ]
             gate_input = torch.cat([c, *embs], dim=-1)
         return self.block(x, gate_input)
