@@ -1,7 +1,7 @@
 """MoLF Table 1: conditional eight Gaussians, MoE-Transformer velocity vs the dense Transformer ablation.
 
     python benchmarks/eight_gaussians.py --threads 1 [--seeds 0 1 2] [--steps 1500] [--quick]
-        [--models moe moe-cond moe-cond-top2 dense moe-oracle]
+        [--models moe moe-cond moe-cond-top2 moe-cond-top2-km dense moe-oracle]
 
 Setting (MoLF section 4.1 and appendix A.3): ``c = (cos θ, sin θ)``, ``z ~ N(μ_k, 0.01 I)`` with the eight means
 on a ring of radius 3 (``histoflow.datasets.eight_gaussians``). The condition enters the velocity field directly
@@ -24,6 +24,10 @@ Top-1 gating is Switch-Transformer style (``MixtureOfExperts``): the chosen expe
 softmax probability, so the router learns from the flow loss (a renormalised top-1 gate is identically 1 and would
 leave the router to the load-balancing loss alone).
 
+- MoE, router on c, top-2, k-means initialisation (``moe-cond-top2-km``): ``moe-cond-top2`` whose router starts as
+  the Voronoi partition of 8 k-means centroids of 5,000 training conditions
+  (:meth:`~histoflow.models.MixtureOfExperts.init_router`, sharpness 3), so every expert begins with its own arc of
+  the circle instead of an arbitrary share of it (training moves the boundaries little: see routing purity).
 - MoE, oracle routing (``moe-oracle``, a diagnostic, not a method): the same experts, each spot sent with weight 1
   to the expert of its true mode (``router="cancer_type"`` with the mode index as the metadata code). It measures
   what the experts can do when routing is solved, i.e. how much of the MoE's error is the router's.
@@ -97,6 +101,8 @@ class Config:
     lambda_aux: float = 0.01
     lambda_aux_top2: float = 0.1  # the top-2 variant: stronger balancing (0.01 leaves experts unused)
     gate_noise: float = 1e-2
+    n_router_init: int = 5_000  # training conditions clustered for the k-means router initialisation
+    router_sharpness: float = 3.0
     n_train: int = 50_000
     n_test: int = 4_000
     euler_steps: int = 20
@@ -110,7 +116,7 @@ def make_velocity(kind: str, cfg: Config) -> VelocityField:
         return VelocityField(velocity="moe", top_k=1, gate_noise=cfg.gate_noise, **common)
     if kind == "moe-cond":
         return VelocityField(velocity="moe", top_k=1, gate_noise=cfg.gate_noise, router="condition", **common)
-    if kind == "moe-cond-top2":
+    if kind in ("moe-cond-top2", "moe-cond-top2-km"):
         return VelocityField(velocity="moe", top_k=2, gate_noise=cfg.gate_noise, router="condition", **common)
     if kind == "moe-oracle":  # hard routing by the true mode (the mode index as a metadata code)
         return VelocityField(velocity="moe", router="cancer_type", metadata_sizes=[8], **common)
@@ -123,6 +129,8 @@ def train(kind: str, seed: int, cfg: Config) -> tuple[LatentFlow, float, float]:
     c, z, mode = eight_gaussians(cfg.n_train, seed=seed)
     c, z, mode = torch.from_numpy(c), torch.from_numpy(z), torch.from_numpy(mode)[:, None]
     model = LatentFlow(IdentityCondition(), make_velocity(kind, cfg))
+    if kind == "moe-cond-top2-km":  # router starts as the Voronoi partition of k-means centroids of training c
+        model.velocity.block.init_router(c[: cfg.n_router_init], sharpness=cfg.router_sharpness, seed=seed)
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -134,7 +142,7 @@ def train(kind: str, seed: int, cfg: Config) -> tuple[LatentFlow, float, float]:
     for step in range(cfg.steps):
         idx = torch.randint(0, cfg.n_train, (cfg.batch_size,), generator=gen)
         batch = {"z1": z[idx], "feats": c[idx]} | ({"meta": mode[idx]} if kind == "moe-oracle" else {})
-        aux = cfg.lambda_aux_top2 if kind == "moe-cond-top2" else cfg.lambda_aux
+        aux = cfg.lambda_aux_top2 if kind.startswith("moe-cond-top2") else cfg.lambda_aux
         out = model.loss(batch, nn.Identity(), p_uncond=0.0, p_meta_drop=0.0, lambda_gene=0.0, lambda_aux=aux)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -205,6 +213,7 @@ NAMES = {
     "moe": "MoE (8 × w32 1-head, top-1)",
     "moe-cond": "MoE, router on c only",
     "moe-cond-top2": "MoE, router on c, top-2",
+    "moe-cond-top2-km": "MoE, c, top-2, k-means init",
     "dense": "dense (w256 8-head)",
     "moe-oracle": "MoE, oracle routing by mode",
 }

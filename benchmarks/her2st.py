@@ -2,7 +2,7 @@
 
     python benchmarks/her2st.py [--path ../shared/data/her2st] [--sections C2 C3 C4 C5 C6]
                                 [--methods molf dense mlp ridge] [--panels hvg50 hallmark] [--epochs 200]
-                                [--vae-extra] [--quick] [--threads 2] [--csv results.csv]
+                                [--set KEY=VALUE ...] [--vae-extra] [--quick] [--threads 2] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
 
 HER2ST mode (DESIGN.md "Targets on real data"): the sections with an H&E image (C2–C6, patient C) are read with
@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 import histoflow as hf
+from histoflow.cli import _parse_settings
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = Path(os.environ.get("HISTOFLOW_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
@@ -158,9 +159,10 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
             seed=args.seed,
         )
         return time.perf_counter() - t, np.nan
-    cfg = dict(MOLF_VARIANTS[method])
-    train_kwargs = {"show_progress_bar": False, "patience": args.patience}
-    model = hf.models.MoLF(sdata.tables["table"], embedding_key=f"X_{args.encoder}", **cfg, seed=args.seed)
+    cfg = {**MOLF_VARIANTS[method], **args.molf_config}
+    train_kwargs = {"show_progress_bar": False, "patience": args.patience, **args.molf_train}
+    table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata  # HEST-Bench mode passes the table
+    model = hf.models.MoLF(table, embedding_key=f"X_{args.encoder}", **cfg, seed=args.seed)
     if extra is not None and cfg.get("latent", "vae") == "vae":
         train_kwargs["vae_extra"] = extra
     model.train(args.epochs, batch_size=args.batch_size, accelerator="cpu", devices=1, **train_kwargs)
@@ -351,6 +353,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         action="store_false",
         help="keep guidance 1 instead of choosing it by filter-and-rank on the validation section",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="MoLF setting for every MoLF variant (as `histoflow fit --set`), e.g. --set cond_dim=128; repeatable",
+    )
     p.add_argument("--vae-extra", action="store_true", help="train Stage I also on the count-only sections")
     p.add_argument("--quick", action="store_true", help="2 folds, HVG-50 only, 40 epochs")
     p.add_argument("--seed", type=int, default=0)
@@ -361,6 +369,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--task", default="IDC", help="HEST-Bench task")
     p.add_argument("--features", help="HEST-Bench embedding root (<features>/<TASK>/<encoder>/fp32/<id>.h5)")
     args = p.parse_args(argv)
+    args.molf_config, args.molf_train = _parse_settings(p, args.set, "molf")
     if args.quick:
         args.folds = args.folds or [0, 1]
         args.panels = ["hvg50"]

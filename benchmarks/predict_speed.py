@@ -5,6 +5,7 @@
 Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with guidance (w = 2: conditional and null branch in one batched forward pass),
 - MoLF, steps = 10 with guidance,
+- MoLF, steps = 1 with a condition width of 128 instead of the paper's 256 (``cond_dim=128``),
 - MoLF, steps = 1 without spatial context (bag of patches),
 - the MLP baseline (one forward pass),
 all on the same synthetic table (1280-d features as from EfficientNet-Lite0, a Visium-like grid, 50 genes).
@@ -70,7 +71,7 @@ def _run(kind: str, n: int, repeats: int, threads: int, q: mp.Queue) -> None:
         from histoflow.models import MoLF
 
         spatial = None if kind == "molf_bag" else "window"
-        m = MoLF(a, spatial_context=spatial)
+        m = MoLF(a, spatial_context=spatial, **({"cond_dim": 128} if kind == "molf_128" else {}))
         m.is_trained = True
         steps = 10 if kind == "molf_10" else 1
         for _ in range(repeats):
@@ -90,6 +91,7 @@ def main() -> None:
     rows = [
         ("molf", "MoLF, 1 step, guidance w=2"),
         ("molf_10", "MoLF, 10 steps, guidance w=2"),
+        ("molf_128", "MoLF, 1 step, w=2, cond_dim=128"),
         ("molf_bag", "MoLF, 1 step, w=2, no spatial context"),
         ("mlp", "MLP baseline"),
     ]

@@ -98,3 +98,42 @@ def test_her2st_folds_leave_one_section_out():
 def test_hest_bench_mode_without_adata_folder_is_a_clear_error(tmp_path, bad):
     with pytest.raises(FileNotFoundError, match="adata"):
         _harness().read_hest_bench_task(tmp_path, "IDC", features=None, encoder="enc", patch_px=224)
+
+
+def test_set_passes_molf_settings_to_every_molf_variant(tmp_path, monkeypatch, capsys):
+    harness = _harness()
+    _hest_bench(tmp_path / "bench", tmp_path / "feats")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    class Recorder(harness.hf.models.MoLF):
+        def __init__(self, table, **kwargs):
+            seen.append(kwargs)
+            raise Stop
+
+    monkeypatch.setattr(harness.hf.models, "MoLF", Recorder)
+    base = ["--hest-bench", str(tmp_path / "bench"), "--task", "IDC", "--features", str(tmp_path / "feats"),
+            "--encoder", "enc", "--threads", "1", "--cache", str(tmp_path / "cache")]  # fmt: skip
+    with pytest.raises(Stop):
+        harness.main([*base, "--methods", "dense", "--set", "cond_dim=32", "--set", "top_k=1"])
+    assert seen[-1]["velocity"] == "dense" and seen[-1]["cond_dim"] == 32 and seen[-1]["top_k"] == 1
+    for bad, message in (("nope=1", "'nope' is not a setting of the molf model"), ("cond_dim=x", "fix the value")):
+        with pytest.raises(SystemExit):
+            harness.main([*base, "--methods", "molf", "--set", bad])
+        assert message in capsys.readouterr().err
+
+
+def test_hest_bench_mode_trains_molf(tmp_path, capsys):
+    """MoLF variants run in HEST-Bench mode too (the harness hands them a table, not a SpatialData)."""
+    _hest_bench(tmp_path / "bench", tmp_path / "feats")
+    results = _harness().main(
+        ["--hest-bench", str(tmp_path / "bench"), "--task", "IDC", "--features", str(tmp_path / "feats"),
+         "--encoder", "enc", "--methods", "molf", "--epochs", "2", "--n-samples", "1", "--threads", "1",
+         "--cache", str(tmp_path / "cache"), "--set", "cond_dim=32", "--set", "latent_dim=8"]
+    )  # fmt: skip
+    pcc = results[(results["metric"] == "pcc") & (results["gene_set"] == "all")]
+    assert list(pcc["method"]) == ["molf", "molf"] and pcc["value"].between(-1, 1).all()
+    assert (results["fit_s"] > 0).all() and (results["predict_s"] > 0).all()
+    assert "| MoLF (MoE, window context) |" in capsys.readouterr().out

@@ -195,3 +195,61 @@ def test_window_context_computes_only_the_centre_token_exactly():
         torch.testing.assert_close(enc._window_centre(hh, ~valid), full, atol=1e-5, rtol=1e-5)
         c, _ = enc.forward_projected(h, off, valid)
         torch.testing.assert_close(c, enc.context_norm(full), atol=1e-5, rtol=1e-5)
+
+
+def test_metadata_attention_projects_table_rows_once_exactly():
+    """Keys/values projected per embedding row and gathered equal nn.MultiheadAttention over the spot's tokens."""
+    torch.manual_seed(0)
+    enc = ConditionEncoder(8, 32, spatial_context=None, n_heads=4, metadata_sizes=(3, 5), tokens_per_value=2).eval()
+    c = torch.randn(7, 32)
+    meta = torch.tensor([[0, 4], [1, -1], [2, 0], [-1, -1], [0, 1], [2, 3], [1, 2]])
+    for codes in (meta, None):  # None: every field unknown (null tokens)
+        kv = enc.metadata_tokens(codes, 7)
+        assert kv.shape == (7, 4 + 2 * 2, 32)
+        ref, ref_w = enc.cross(c[:, None], kv, kv, need_weights=True)
+        out, w = enc._metadata_attention(c, codes)
+        torch.testing.assert_close(out, ref[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(w, ref_w[:, 0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(w.sum(1), torch.ones(7))
+    # the unknown code of a field uses that field's null row, not another value's
+    unknown = enc._metadata_attention(c, torch.tensor([[-1, 0]] * 7))[0]
+    known = enc._metadata_attention(c, torch.tensor([[0, 0]] * 7))[0]
+    assert not torch.allclose(unknown, known)
+    # in training the weights get attention dropout, and gradients reach the embeddings and the memory
+    enc.train()
+    out, _ = enc._metadata_attention(c, meta)
+    out.sum().backward()
+    assert enc.meta[1].weight.grad.abs().sum() > 0 and enc.memory.grad.abs().sum() > 0
+
+
+def test_router_init_from_kmeans_sends_each_cluster_to_its_own_expert():
+    torch.manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, 0.0], [0.0, -4.0]])
+    label = torch.arange(400) % 4
+    r = centres[label] + 0.3 * torch.randn(400, 2)
+    moe = MixtureOfExperts(5, lambda: torch.nn.Linear(5, 3), n_experts=4, top_k=1, gate_dim=2)
+    before = moe.gate(r).argmax(1)
+    mu = moe.init_router(r, seed=0)
+    assert mu.shape == (4, 2)
+    after = moe.gate(r).argmax(1)
+    # every cluster goes wholly to one expert, and each to a different one
+    owner = [int(after[label == k].mode().values) for k in range(4)]
+    assert sorted(owner) == [0, 1, 2, 3]
+    assert all(bool((after[label == k] == owner[k]).all()) for k in range(4))
+    # the arg max is the nearest centroid
+    nearest = torch.cdist(r, mu).argmin(1)
+    assert torch.equal(after, nearest) and not torch.equal(before, after)
+    # sharper routers: larger logit gaps, same partition
+    gap = lambda m: (m.gate(r).topk(2).values.diff(dim=1).abs().mean())  # noqa: E731
+    g3 = gap(moe)
+    moe.init_router(r, seed=0, sharpness=30.0)
+    assert gap(moe) > 5 * g3 and torch.equal(moe.gate(r).argmax(1), after)
+    with pytest.raises(ValueError, match="shape"):
+        moe.init_router(torch.randn(10, 3))
+    with pytest.raises(ValueError, match="at least 4 finite rows"):
+        moe.init_router(torch.randn(3, 2))
+    with pytest.raises(ValueError, match="sharpness"):
+        moe.init_router(r, sharpness=0)
+    hard = MixtureOfExperts(5, lambda: torch.nn.Linear(5, 3), n_experts=4, gate_dim=0)
+    with pytest.raises(ValueError, match="no learned router"):
+        hard.init_router(r)

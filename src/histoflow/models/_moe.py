@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -112,6 +113,46 @@ class MixtureOfExperts(nn.Module):
         self.renormalize = top_k > 1 if renormalize is None else bool(renormalize)
         self.gate = nn.Linear(in_dim if gate_dim is None else gate_dim, n_experts) if gate_dim != 0 else None
         self.experts = nn.ModuleList(make_expert() for _ in range(n_experts))
+
+    @torch.no_grad()
+    def init_router(self, gate_inputs: torch.Tensor, *, sharpness: float = 3.0, seed: int = 0) -> torch.Tensor:
+        r"""Initialise the router to send every input to the expert of its nearest k-means centroid.
+
+        k-means with ``n_experts`` clusters on a sample of router inputs ``r`` (the rows of ``gate_inputs``) gives
+        centroids :math:`\mu_i`; the router becomes
+        :math:`l_i(r) = s\,(\mu_i \cdot r - \lVert \mu_i \rVert^2 / 2) / \bar d^2`, whose arg max is the nearest
+        centroid (a Voronoi partition of the router-input space), with :math:`s` = ``sharpness`` and
+        :math:`\bar d^2` the mean squared distance of the inputs to their nearest centroid. Each expert then starts
+        with its own contiguous, similarly populated region of inputs to specialise on, where a random router splits
+        the inputs arbitrarily and may give some experts none; training can move the boundaries from there. Useful when
+        the router sees a fixed, low-dimensional input (e.g. ``router="condition"`` on given conditions).
+
+        Returns the centroids ``(n_experts, gate_dim)``.
+        """
+        from sklearn.cluster import KMeans
+
+        if self.gate is None:
+            raise ValueError(
+                "This mixture of experts has no learned router (`gate_dim=0`); there is nothing to initialise."
+            )
+        x = torch.as_tensor(gate_inputs, dtype=torch.float32).detach().cpu()
+        if x.ndim != 2 or x.shape[1] != self.gate.in_features:
+            raise ValueError(
+                f"`gate_inputs` must have shape (n, {self.gate.in_features}) (router inputs), got {tuple(x.shape)}."
+            )
+        if x.shape[0] < self.n_experts or not torch.isfinite(x).all():
+            raise ValueError(
+                f"`gate_inputs` needs at least {self.n_experts} finite rows (one per expert), got {x.shape[0]} rows."
+            )
+        if not (isinstance(sharpness, (int, float)) and sharpness > 0):
+            raise ValueError(f"`sharpness` must be a positive number, got {sharpness!r}.")
+        km = KMeans(self.n_experts, n_init=4, random_state=seed).fit(x.numpy().astype(np.float64))
+        mu = torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
+        spread = float(km.inertia_) / x.shape[0]
+        scale = sharpness / max(spread, float(torch.finfo(torch.float32).eps))
+        self.gate.weight.copy_((scale * mu).to(self.gate.weight))
+        self.gate.bias.copy_((-scale * (mu**2).sum(1) / 2).to(self.gate.bias))
+        return mu
 
     def route(self, gate_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gates (mixing weights ``g``), router probabilities, top-k indices ``(B, k)`` and logits, ``(B, E)`` each."""

@@ -244,6 +244,11 @@ class MoLF:
     distances in µm and visual similarities as edge features, ``graph_layers`` deep), and metadata such as the cancer
     type (cross-attention over learned metadata tokens). See :func:`histoflow.tl.fit_molf` for the usual entry point.
 
+    The default sizes are the paper's (Stage I latent 128, Stage II width 256). On small cohorts with small panels a
+    lighter model is as accurate and faster: on HER2ST (three training sections, 50 genes) ``cond_dim=128,
+    latent_dim=32`` scored the same PCC, trained in two thirds of the time and predicts about twice as fast (see the
+    benchmarks page).
+
     Parameters
     ----------
     adata
