@@ -1,6 +1,6 @@
 """MoLF Table 1: conditional eight Gaussians, MoE-Transformer velocity vs the dense Transformer ablation.
 
-    python benchmarks/eight_gaussians.py --threads 1 [--seeds 0 1 2] [--steps 1500] [--quick]
+    python benchmarks/eight_gaussians.py --threads 1 [--seeds 0 1 2] [--steps 1500] [--quick] [--router-lr-scale 1]
         [--models moe moe-cond moe-cond-top2 moe-cond-top2-km dense moe-oracle]
 
 Setting (MoLF section 4.1 and appendix A.3): ``c = (cos θ, sin θ)``, ``z ~ N(μ_k, 0.01 I)`` with the eight means
@@ -103,6 +103,7 @@ class Config:
     gate_noise: float = 1e-2
     n_router_init: int = 5_000  # training conditions clustered for the k-means router initialisation
     router_sharpness: float = 3.0
+    router_lr_scale: float = 1.0  # the router's learning rate relative to the rest (learned routers only)
     n_train: int = 50_000
     n_test: int = 4_000
     euler_steps: int = 20
@@ -131,9 +132,11 @@ def train(kind: str, seed: int, cfg: Config) -> tuple[LatentFlow, float, float]:
     model = LatentFlow(IdentityCondition(), make_velocity(kind, cfg))
     if kind == "moe-cond-top2-km":  # router starts as the Voronoi partition of k-means centroids of training c
         model.velocity.block.init_router(c[: cfg.n_router_init], sharpness=cfg.router_sharpness, seed=seed)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    gate = getattr(model.velocity.block, "gate", None)
+    gate_params = [] if gate is None else list(gate.parameters())
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not g for g in gate_params)]
+    groups = [{"params": rest}] + ([{"params": gate_params, "lr": cfg.lr * cfg.router_lr_scale}] if gate_params else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     gen = torch.Generator().manual_seed(seed)
     tail = []
@@ -228,6 +231,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {Config.lr})")
     p.add_argument("--lambda-aux", type=float, default=None, help=f"MoE aux weight (default {Config.lambda_aux})")
     p.add_argument("--gate-noise", type=float, default=None, help=f"router noise std (default {Config.gate_noise})")
+    p.add_argument(
+        "--router-lr-scale",
+        type=float,
+        default=None,
+        help=f"router learning rate relative to --lr (default {Config.router_lr_scale})",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -235,7 +244,7 @@ def main() -> None:
     cfg = Config()
     if args.quick:
         cfg.steps, cfg.n_test = 300, 1_000
-    for name in ("steps", "lr", "lambda_aux", "gate_noise"):
+    for name in ("steps", "lr", "lambda_aux", "gate_noise", "router_lr_scale"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     print(
@@ -246,7 +255,8 @@ def main() -> None:
     print(
         f"AdamW lr={cfg.lr} (cosine to 0), weight_decay={cfg.weight_decay}, {cfg.steps} steps × batch "
         f"{cfg.batch_size}; "
-        f"MoE λ_aux={cfg.lambda_aux}, gate noise {cfg.gate_noise}; Euler {cfg.euler_steps} steps and 1 step from "
+        f"MoE λ_aux={cfg.lambda_aux}, gate noise {cfg.gate_noise}, router lr × {cfg.router_lr_scale}; "
+        f"Euler {cfg.euler_steps} steps and 1 step from "
         f"N(0, I); cW2 over {cfg.n_bins} angle bins ({'POT emd2' if ot is not None else 'linear_sum_assignment'})"
     )
     results: dict[tuple[str, int], dict[str, list[float]]] = {}
