@@ -164,8 +164,8 @@ class ConditionEncoder(nn.Module):
         """Cross-attention of ``c`` over the metadata tokens: output ``(B, cond_dim)``, weights ``(B, n_keys)``.
 
         The same function as ``self.cross`` (``nn.MultiheadAttention``) over :meth:`metadata_tokens`, but the keys and
-        values are projected once per memory token and per row of each field's embedding table (then gathered by
-        code) instead of once per spot: a spot's tokens depend only on its metadata codes. Weights are averaged over
+        values are projected once per memory token and per metadata value present (then gathered by code) instead of
+        once per spot: a spot's tokens depend only on its metadata codes. Weights are averaged over
         heads (before attention dropout).
         """
         mha, d = self.cross, self.cond_dim
@@ -180,10 +180,11 @@ class ConditionEncoder(nn.Module):
         scores = [torch.einsum("bhd,thd->bht", q, k_mem)]
         values = []
         for j, emb in enumerate(self.meta):
-            code = self._field_rows(meta, j, b)
-            rows = emb.weight.view(emb.num_embeddings, self.tokens_per_value, d)
-            k = nn.functional.linear(rows, w_k, b_k).view(emb.num_embeddings, -1, heads, dh)[code]
-            values.append(nn.functional.linear(rows, w_v, b_v).view(emb.num_embeddings, -1, heads, dh)[code])
+            # only the values present: a field with many values costs no more than the batch's
+            present, code = torch.unique(self._field_rows(meta, j, b), return_inverse=True)
+            rows = emb(present).view(len(present), self.tokens_per_value, d)
+            k = nn.functional.linear(rows, w_k, b_k).view(len(present), -1, heads, dh)[code]
+            values.append(nn.functional.linear(rows, w_v, b_v).view(len(present), -1, heads, dh)[code])
             scores.append(torch.einsum("bhd,bthd->bht", q, k))
         weights = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
         attn = weights.mean(dim=1)
