@@ -2,25 +2,30 @@
 
     python benchmarks/her2st.py [--path ../shared/data/her2st] [--sections C2 C3 C4 C5 C6]
                                 [--methods molf dense mlp ridge] [--panels hvg50 hallmark] [--epochs 200]
-                                [--set KEY=VALUE ...] [--vae-extra] [--quick] [--threads 2] [--csv results.csv]
+                                [--dihedral] [--scale-features none|slide] [--n-samples 4] [--temperature 1]
+                                [--set KEY=VALUE ...] [--vae-extra]
+                                [--quick] [--threads 2] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
 
 HER2ST mode (DESIGN.md "Targets on real data"): the sections with an H&E image (C2–C6, patient C) are read with
 ``io.read_her2st``; patch features come from ``pp.embed_patches`` (``efficientnet_lite0``, HEST convention: 112 µm
-cut to 224 px) and are cached (``--cache``). Each section is the test section once; of the other four, the next one
-(cyclically) is the validation section (early stopping for MoLF and the MLP) and the remaining three are training
-sections. Targets: ``log1p`` of raw counts. Panels, chosen on the training sections only:
+cut to 224 px; ``--dihedral`` averages them over the 8 rotations and flips of each patch) and are cached
+(``--cache``); ``--scale-features slide`` standardises them within each section (``pp.scale_features``). Each
+section is the test section once; of the other four, the next one (cyclically) is the validation section (early
+stopping for MoLF and the MLP) and the remaining three are training sections. Targets: ``log1p`` of raw counts.
+Panels, chosen on the training sections only:
 
 - ``hvg50``: the top 50 highly variable genes (scanpy ``seurat_v3`` on raw counts, ``pp.select_genes``);
 - ``hallmark``: every MSigDB Hallmark gene measured, with MoLF's variance tiers (low/mid/high), scored per tier.
 
 With ``--vae-extra``, MoLF's Stage I (the gene VAE) is also trained on the 25 count-only sections of the other
 patients (expression only; Stage II sees only the training sections). MoLF variants choose their guidance scale by
-filter-and-rank on the validation section and predict the mean of ``--n-samples`` draws. Every method is scored on
-the test section with ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE,
-MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains
-(k-means on PCA, ARI/NMI against the domains of the truth). Values are mean ± std over the folds; times are per
-fold (fit and predict; the features are shared and timed once).
+filter-and-rank on the validation section and predict the mean of ``--n-samples`` draws (``--temperature 0``: the
+deterministic draw from the prior mean; ``--n-samples 1`` is then enough). Every method is scored on the test section
+with ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC,
+SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA,
+ARI/NMI against the domains of the truth). Values are mean ± std over the folds; times are per fold (fit and
+predict; the features are shared and timed once).
 
 HEST-Bench mode (``--hest-bench``): reads a HEST-Bench task folder (``<DIR>/<TASK>/adata/<id>.h5ad``,
 ``splits/{train,test}_<k>.csv``, ``var_50genes.json``, features either precomputed as
@@ -91,7 +96,8 @@ def load_her2st(args: argparse.Namespace):
     table = sdata.tables["table"]
     hf.pp.normalize(sdata)
     key = f"X_{args.encoder}"
-    cache = Path(args.cache) / f"her2st_{args.encoder}_{args.patch_px}px_{'_'.join(args.sections)}.npz"
+    d4 = "_d4" if args.dihedral else ""
+    cache = Path(args.cache) / f"her2st_{args.encoder}_{args.patch_px}px{d4}_{'_'.join(args.sections)}.npz"
     if cache.is_file():
         blob = np.load(cache, allow_pickle=False)
         if list(blob["obs_names"]) == list(table.obs_names):
@@ -99,7 +105,9 @@ def load_her2st(args: argparse.Namespace):
     embed_s = np.nan
     if key not in table.obsm:
         t0 = time.perf_counter()
-        hf.pp.embed_patches(sdata, args.encoder, patch_px=args.patch_px, show_progress_bar=False)
+        hf.pp.embed_patches(
+            sdata, args.encoder, patch_px=args.patch_px, dihedral=args.dihedral, show_progress_bar=False
+        )
         embed_s = time.perf_counter() - t0
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, obs_names=np.asarray(table.obs_names, dtype=str), features=table.obsm[key])
@@ -110,6 +118,8 @@ def load_her2st(args: argparse.Namespace):
         others = [s for s in her2st_sections(path) if s not in args.sections]
         extra = hf.io.read_her2st(path, sections=others, load_images=False).tables["table"]
         hf.pp.normalize(extra)
+    if args.scale_features == "slide":
+        hf.pp.scale_features(sdata, key, key_added=key)
     how = "cached" if np.isnan(embed_s) else f"embedded in {embed_s:.0f} s"
     print(
         f"HER2ST: {table.n_obs} spots in {len(args.sections)} sections, {table.n_vars} genes; features {key} "
@@ -167,10 +177,10 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
         train_kwargs["vae_extra"] = extra
     model.train(args.epochs, batch_size=args.batch_size, accelerator="cpu", devices=1, **train_kwargs)
     if args.select_guidance:  # MoLF's appendix C: filter-and-rank on the validation section
-        hf.tl.select_guidance(model, sdata, n_samples=args.n_samples, key_added=key)
+        hf.tl.select_guidance(model, sdata, n_samples=args.n_samples, temperature=args.temperature, key_added=key)
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
-    hf.tl.predict(model, sdata, n_samples=args.n_samples, key_added=key)
+    hf.tl.predict(model, sdata, n_samples=args.n_samples, temperature=args.temperature, key_added=key)
     return fit_s, time.perf_counter() - t
 
 
@@ -245,7 +255,9 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
 # HEST-Bench
 
 
-def read_hest_bench_task(root: Path, task: str, *, features: Path | None, encoder: str, patch_px: int):
+def read_hest_bench_task(
+    root: Path, task: str, *, features: Path | None, encoder: str, patch_px: int, scale_features: str = "none"
+):
     """One HEST-Bench task as an AnnData table: raw counts, log1p, features, ``obs['library_id']``."""
     import anndata as ad
     import h5py
@@ -283,6 +295,8 @@ def read_hest_bench_task(root: Path, task: str, *, features: Path | None, encode
     table.obs["cancer_type"] = pd.Categorical([task] * table.n_obs)  # a HEST-Bench task is one cancer type
     hf.pp.normalize(table)
     table.var["histoflow_panel"] = True
+    if scale_features == "slide":
+        hf.pp.scale_features(table, f"X_{encoder}", key_added=f"X_{encoder}")
     return table
 
 
@@ -306,7 +320,14 @@ def _embed_hest_patches(path: Path, encoder: str, patch_px: int) -> tuple[np.nda
 def run_hest_bench(args: argparse.Namespace) -> pd.DataFrame:
     root = Path(args.hest_bench)
     feats = Path(args.features) if args.features else None
-    table = read_hest_bench_task(root, args.task, features=feats, encoder=args.encoder, patch_px=args.patch_px)
+    table = read_hest_bench_task(
+        root,
+        args.task,
+        features=feats,
+        encoder=args.encoder,
+        patch_px=args.patch_px,
+        scale_features=args.scale_features,
+    )
     splits = sorted((root / args.task / "splits").glob("train_*.csv"))
     records = []
     for tr in splits:
@@ -343,10 +364,22 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--panels", nargs="+", default=["hvg50", "hallmark"], choices=["hvg50", "hallmark"])
     p.add_argument("--encoder", default="efficientnet_lite0")
     p.add_argument("--patch-px", type=int, default=224)
+    p.add_argument(
+        "--dihedral", action="store_true", help="features averaged over the 8 rotations and flips of each patch"
+    )
+    p.add_argument(
+        "--scale-features",
+        choices=["none", "slide"],
+        default="none",
+        help="'slide': standardise the features within each slide (pp.scale_features) before every method",
+    )
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--patience", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--n-samples", type=int, default=4, help="MoLF draws per spot (the prediction is their mean)")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="MoLF prior-noise scale (0: one deterministic point estimate)"
+    )
     p.add_argument(
         "--no-guidance-selection",
         dest="select_guidance",

@@ -157,6 +157,7 @@ def test_defaults_are_those_of_the_python_api():
     d = api_defaults()
     assert d["fit_molf"]["max_epochs"] == 300 and d["fit_baseline"]["max_epochs"] == 100
     assert d["predict"]["steps"] == 1 and d["predict"]["n_samples"] == 1 and d["predict"]["key_added"] is None
+    assert pred.temperature is None and d["predict"]["temperature"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------- runs
@@ -203,6 +204,14 @@ def test_zarr_chain_fit_predict_evaluate(embedded, tmp_path, capsys):
     assert t2.uns["again"]["params"]["steps"] == 1 and t2.uns["again"]["params"]["n_samples"] == 1
     np.testing.assert_allclose(t2.obsm["again"].to_numpy(), t.obsm["molf"].to_numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(t2.obsm["molf"].to_numpy(), t.obsm["molf"].to_numpy())  # other keys untouched
+    # the point estimate (prior mean, no noise) does not depend on the seed
+    point = tmp_path / "point.zarr"
+    args = ["predict", str(fitted), "--model-dir", str(model), "--temperature", "0", "--key-added", "point", "-q"]
+    assert main([*args, "--output", str(point), "--seed", "3"]) == 0
+    assert main([*args, "--output", str(tmp_path / "point7.zarr"), "--seed", "7"]) == 0
+    tp, tp7 = _read(point), _read(tmp_path / "point7.zarr")
+    assert tp.uns["point"]["params"]["temperature"] == 0.0
+    np.testing.assert_allclose(tp.obsm["point"].to_numpy(), tp7.obsm["point"].to_numpy(), rtol=1e-6, atol=1e-7)
 
     # evaluate: printed table, CSV with every row
     csv = tmp_path / "metrics.csv"

@@ -112,3 +112,17 @@ def check_positive(value: float, arg: str, *, allow_zero: bool = False) -> None:
     ok = np.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ValueError(f"`{arg}` must be {'non-negative' if allow_zero else 'positive'} and finite, got {value!r}.")
+
+
+def check_temperature(temperature: Any) -> float:
+    """The prior-noise scale of a flow model's sampling as a float; a ValueError unless finite and at least 0."""
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float | np.integer | np.floating)
+        or not (0 <= temperature < float("inf"))
+    ):
+        raise ValueError(
+            f"`temperature` must be a finite number of at least 0 (1 samples the model as trained, 0 gives its "
+            f"point estimate), got {temperature!r}."
+        )
+    return float(temperature)

@@ -449,6 +449,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         device=args.device,
         accelerator=args.accelerator,
         devices=args.devices,
+        dihedral=args.dihedral,
         show_progress_bar=not args.quiet,
         key_added=args.key_added,
     )
@@ -541,7 +542,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     out = _output_path(parser, inp, args.output, "predict", args.overwrite)
     kind = _model_kind(parser, args.model_dir)
     if kind != "molf":
-        molf_only = {"--steps": args.steps, "--guidance": args.guidance, "--n-samples": args.n_samples}
+        molf_only = {
+            "--steps": args.steps,
+            "--guidance": args.guidance,
+            "--n-samples": args.n_samples,
+            "--temperature": args.temperature,
+        }
         given = [option for option, value in molf_only.items() if value is not None]
         if given:
             parser.error(f"argument {given[0]}: applies to MoLF models only; {args.model_dir!r} holds a {kind} model")
@@ -557,6 +563,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             steps=d["steps"] if args.steps is None else args.steps,
             guidance=args.guidance,
             n_samples=d["n_samples"] if args.n_samples is None else args.n_samples,
+            temperature=d["temperature"] if args.temperature is None else args.temperature,
             seed=args.seed,
             allow_unknown=args.allow_unknown,
             key_added=args.key_added or d["key_added"],
@@ -992,6 +999,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--devices", type=_devices, default=emb["devices"], help="several devices or CPU processes (Lightning)"
     )
+    p.add_argument(
+        "--dihedral",
+        action="store_true",
+        default=emb["dihedral"],
+        help="average the features over the 8 rotations and flips of each patch (8 encoder passes)",
+    )
     p.add_argument("--key-added", default=emb["key_added"], help="obsm key (default X_<encoder>)")
     p.set_defaults(func=_cmd_embed, parser=p)
 
@@ -1052,6 +1065,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=prd["guidance"], help="guidance scale, MoLF (default: model's)")
     p.add_argument(
         "--n-samples", type=_positive_int, default=None, help=f"draws per spot, MoLF (default {prd['n_samples']})"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"scale of the prior noise, MoLF: 0 gives the point estimate (default {prd['temperature']})",
     )
     p.add_argument("--seed", type=int, default=prd["seed"], help="seed of the prior noise")
     p.add_argument("--allow-unknown", action="store_true", help="predict unseen cancer types with the null token")

@@ -240,7 +240,7 @@ def test_router_init_from_kmeans_sends_each_cluster_to_its_own_expert():
     nearest = torch.cdist(r, mu).argmin(1)
     assert torch.equal(after, nearest) and not torch.equal(before, after)
     # sharper routers: larger logit gaps, same partition
-    gap = lambda m: (m.gate(r).topk(2).values.diff(dim=1).abs().mean())  # noqa: E731
+    gap = lambda m: m.gate(r).topk(2).values.diff(dim=1).abs().mean()  # noqa: E731
     g3 = gap(moe)
     moe.init_router(r, seed=0, sharpness=30.0)
     assert gap(moe) > 5 * g3 and torch.equal(moe.gate(r).argmax(1), after)

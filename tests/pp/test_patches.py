@@ -271,22 +271,44 @@ def test_patches_match_hest_spa141(her2st_dir):
     assert identical == 1.0, f"only {identical:.4%} of pixels identical"
 
 
+class _TopRow(torch.nn.Module):
+    """Mean colour of the patch's top row of pixels: changes when the patch is turned."""
+
+    def forward(self, x):
+        return x[:, :, 0, :].mean(dim=2)
+
+
+def _edge_means(sdata) -> np.ndarray:
+    """Per-channel mean colour of each of the 4 edges of every patch, normalised as the encoder input: (n, 4, 3)."""
+    from histoflow.pp._encoders import IMAGENET_MEAN, IMAGENET_STD
+
+    p = crop_patches(sdata, patch_size_um=16.0, patch_px=32).astype(np.float64)
+    edges = np.stack([p[:, 0].mean(1), p[:, -1].mean(1), p[:, :, 0].mean(1), p[:, :, -1].mean(1)], axis=1)
+    return (edges / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+
+
+def test_embed_dihedral_averages_the_eight_rotations_and_flips(sdata):
+    kw = {"patch_size_um": 16.0, "patch_px": 32, "show_progress_bar": False}
+    embed_patches(sdata, _TopRow(), key_added="plain", **kw)
+    embed_patches(sdata, _TopRow(), key_added="d4", dihedral=True, **kw)
+    table = sdata.tables["table"]
+    edges = _edge_means(sdata)
+    np.testing.assert_allclose(table.obsm["plain"], edges[:, 0], rtol=1e-4, atol=1e-4)
+    # every edge comes to the top twice among the 8 views (a flip keeps the top edge's mean)
+    np.testing.assert_allclose(table.obsm["d4"], edges.mean(axis=1), rtol=1e-4, atol=1e-4)
+    assert table.uns["d4"]["dihedral"] is True and table.uns["plain"]["dihedral"] is False
+    with pytest.raises(TypeError, match="`dihedral` must be True or False"):
+        embed_patches(sdata, _TopRow(), dihedral="yes", **kw)
+
+
 def test_embed_on_two_cpu_processes_matches_single_process(sdata):
     """Lightning DDP (2 CPU processes, gloo, ddp_spawn): same features as the single-process run."""
-    embed_patches(sdata, _MeanColour(), patch_size_um=16.0, patch_px=32, show_progress_bar=False, key_added="one")
-    embed_patches(
-        sdata,
-        _MeanColour(),
-        patch_size_um=16.0,
-        patch_px=32,
-        show_progress_bar=False,
-        key_added="two",
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-    )
+    kw = {"patch_size_um": 16.0, "patch_px": 32, "show_progress_bar": False, "dihedral": True}
+    embed_patches(sdata, _TopRow(), key_added="one", **kw)
+    embed_patches(sdata, _TopRow(), key_added="two", accelerator="cpu", devices=2, strategy="ddp_spawn", **kw)
     table = sdata.tables["table"]
     np.testing.assert_allclose(table.obsm["two"], table.obsm["one"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(table.obsm["two"], _edge_means(sdata).mean(axis=1), rtol=1e-4, atol=1e-4)
 
 
 def test_slides_are_dealt_by_size():

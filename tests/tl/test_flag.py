@@ -87,6 +87,11 @@ def test_predict_evaluate_trajectories_guidance(fitted):
     sweep = hf.tl.select_guidance(model, a, scales=(0.0, 1.0, 2.0), key_added="flag")
     assert sweep["chosen"].sum() == 1 and model.config.guidance in (0.0, 1.0, 2.0)
     model.config.guidance = 1.0
+    # temperature 0: every draw starts at the prior mean, so the seed no longer matters
+    cold = model.predict(a, steps=2, temperature=0, seed=1)
+    assert (cold["z0"] == 0).all()
+    np.testing.assert_allclose(cold["mean"], model.predict(a, steps=2, temperature=0, seed=2)["mean"], rtol=1e-6)
+    assert not np.allclose(model.predict(a, steps=2, seed=1)["mean"], model.predict(a, steps=2, seed=2)["mean"])
 
 
 def test_copy_and_path_embeddings(tmp_path):

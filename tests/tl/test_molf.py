@@ -125,6 +125,36 @@ def test_predict_image_only_slide_and_unknown_type(fitted):
     assert np.isfinite(img.obsm["unk"].to_numpy()).all()
 
 
+def test_temperature_scales_the_prior_noise_and_zero_gives_one_deterministic_point_estimate(fitted):
+    a, model = fitted
+    hot = model.predict(a, seed=5, n_samples=1)
+    half = model.predict(a, seed=5, n_samples=1, temperature=0.5)
+    np.testing.assert_allclose(half["z0"], 0.5 * hot["z0"], rtol=1e-6)
+    assert not np.allclose(half["mean"], hot["mean"])
+    cold = model.predict(a, seed=5, n_samples=3, temperature=0)
+    assert (cold["z0"] == 0).all() and np.abs(cold["std"]).max() < 1e-3  # identical draws (float rounding only)
+    np.testing.assert_allclose(cold["mean"], model.predict(a, seed=9, temperature=0.0)["mean"], rtol=1e-6)
+    # the point estimate is the flow from the prior mean through the decoder: one Euler step, v(0, t=0, c)
+    flow, w = model.flow.eval(), model.config.guidance
+    arrays, nbr, off = model._arrays(a, np.arange(a.n_obs), with_targets=False)
+    from histoflow.models._molf import _spot_conditions
+
+    cond, _ = _spot_conditions(flow.condition, arrays, nbr, off, 4096, torch.device("cpu"))
+    with torch.no_grad():
+        z1 = flow.sample(cond, torch.zeros(a.n_obs, 8), meta=arrays.get("meta"), steps=1, guidance=w)["z1"]
+        expected = model._decoder()(z1).clamp_min(0).numpy()
+    np.testing.assert_allclose(cold["mean"], expected, rtol=1e-5, atol=1e-6)
+    # through tl.predict: recorded with the other prediction parameters, and a bad value writes nothing
+    b = a.copy()
+    hf.tl.predict(model, b, temperature=0, key_added="point")
+    np.testing.assert_allclose(b.obsm["point"].to_numpy(), cold["mean"], rtol=1e-5, atol=1e-6)
+    assert b.uns["point"]["params"]["temperature"] == 0.0 and a.uns["molf"]["params"]["temperature"] == 1.0
+    keys = set(b.obsm), set(b.uns)
+    with pytest.raises(ValueError, match="`temperature`"):
+        hf.tl.predict(model, b, temperature=-1, key_added="bad")
+    assert (set(b.obsm), set(b.uns)) == keys
+
+
 def test_guidance_selection_known_answer():
     sweep = pd.DataFrame(
         {"guidance": [0.0, 1.0, 2.0, 3.0], "w1": [0.50, 0.40, 0.41, 0.60], "cosine": [0.30, 0.20, 0.10, 0.05]}
@@ -141,6 +171,9 @@ def test_select_guidance_end_to_end(fitted):
     assert list(sweep.columns) == ["guidance", "w1", "cosine", "feasible", "chosen"]
     assert sweep["chosen"].sum() == 1 and model.config.guidance == float(sweep.loc[sweep["chosen"], "guidance"].iloc[0])
     assert a.uns["molf_guidance"]["chosen"] == model.config.guidance
+    assert a.uns["molf_guidance"]["temperature"] == 1.0
+    point = hf.tl.select_guidance(model, a, scales=(0.0, 1.0, 2.0), temperature=0, key_added="point")
+    assert a.uns["point_guidance"]["temperature"] == 0.0 and len(point) == 3
     model.config.guidance = 1.0
     with pytest.raises(ValueError, match="split"):
         hf.tl.select_guidance(model, a, split="nope")
@@ -254,6 +287,11 @@ def test_ddp_two_cpu_processes(variant):
         ({"steps": 0}, r"`steps` must be an integer of at least 1, got 0"),
         ({"steps": True}, r"`steps` must be an integer"),
         ({"rows": np.array([], dtype=int)}, r"Nothing to predict: .* `rows` selects none"),
+        ({"temperature": -0.5}, r"`temperature` must be a finite number of at least 0"),
+        ({"temperature": float("nan")}, r"`temperature` must be a finite number"),
+        ({"temperature": float("inf")}, r"`temperature` must be a finite number"),
+        ({"temperature": True}, r"`temperature` must be a finite number"),
+        ({"temperature": "0"}, r"`temperature` must be a finite number"),
     ],
 )
 def test_predict_bad_arguments_name_the_argument(fitted, kwargs, match):

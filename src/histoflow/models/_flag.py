@@ -676,6 +676,7 @@ class FLAG:
         steps: int = 1,
         guidance: float | None = None,
         n_samples: int = 1,
+        temperature: float = 1.0,
         seed: int = 0,
         batch_size: int = 1024,
         allow_unknown: bool = False,
@@ -697,6 +698,9 @@ class FLAG:
             Classifier-free guidance scale (default: the model's).
         n_samples
             Draws per spot; their mean is the prediction and their standard deviation the spread.
+        temperature
+            Scale of the prior noise, ``x0 ~ N(0, temperature² I)``: 1 (default) samples the model as trained, 0
+            starts every spot at the prior mean (one deterministic draw, the model's point estimate).
         seed
             Seed of the prior noise; the same seed gives the same numbers.
         batch_size
@@ -715,7 +719,7 @@ class FLAG:
         spots × genes), ``routing`` (spots × 1, ones: a dense model), ``metadata_attention`` (with metadata) and
         ``trajectory`` (``steps + 1`` × spots × genes, when recorded).
         """
-        adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples)
+        adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples, temperature)
         w = self.config.guidance if guidance is None else float(guidance)
         arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
         dev = torch.device(device)
@@ -728,7 +732,7 @@ class FLAG:
             return {**out, "x": out["x1"]}
 
         draws = {"n_samples": n_samples, "seed": seed, "batch_size": batch_size, "record": record_trajectories}
-        res = _draw(sample, n, g, (g, self.config.d_model, 1), **draws)
+        res = _draw(sample, n, g, (g, self.config.d_model, 1), temperature=float(temperature), **draws)
         if attns:
             res["metadata_attention"] = torch.cat(attns).numpy()
         self.flow.cpu()

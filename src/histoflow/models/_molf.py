@@ -16,7 +16,7 @@ from torch import nn
 
 from histoflow._constants import Key
 from histoflow._logging import logger
-from histoflow._validate import check_choice, check_positive
+from histoflow._validate import check_choice, check_positive, check_temperature
 from histoflow.models._data import (
     Registry,
     check_compatible,
@@ -660,6 +660,7 @@ class MoLF:
         steps: int = 1,
         guidance: float | None = None,
         n_samples: int = 1,
+        temperature: float = 1.0,
         seed: int = 0,
         batch_size: int = 4096,
         allow_unknown: bool = False,
@@ -680,6 +681,12 @@ class MoLF:
             Classifier-free guidance scale ``w`` (default: the model's, set by :func:`histoflow.tl.select_guidance`).
         n_samples
             Draws per spot; their mean is the prediction and their standard deviation the spread.
+        temperature
+            Scale of the prior noise, ``z0 ~ N(0, temperature² I)``. 1 (default) samples the model as trained. 0
+            starts every spot at the prior mean: one deterministic draw, the model's point estimate of the spot's
+            expression (with one Euler step, the flow at ``z0 = 0`` is its estimate of the conditional mean
+            latent); one draw is then enough and the spread is 0. On HER2ST it scored about as well as the mean of 4
+            draws at a quarter of the cost, below the mean of 16 (PCC 0.224, 0.227 and 0.239; benchmarks page).
         seed
             Seed of the prior noise; the same seed gives the same numbers.
         batch_size
@@ -697,7 +704,7 @@ class MoLF:
         ``z0`` (the first sample's noise), ``routing`` (mean gate weights, spots × experts), ``metadata_attention``,
         ``trajectory`` (when recorded).
         """
-        adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples)
+        adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples, temperature)
         w = self.config.guidance if guidance is None else float(guidance)
         arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
         dev = torch.device(device)
@@ -712,7 +719,7 @@ class MoLF:
 
         draws = {"n_samples": n_samples, "seed": seed, "batch_size": batch_size, "record": record_trajectories}
         dims = (len(self.registry.genes), self.config.latent_dim, self.n_experts)
-        res = _draw(sample, n, self.config.latent_dim, dims, **draws)
+        res = _draw(sample, n, self.config.latent_dim, dims, temperature=float(temperature), **draws)
         if attns:
             res["metadata_attention"] = torch.cat(attns).numpy()
         self.flow.cpu()
@@ -853,7 +860,7 @@ def _load_folder(cls: type, dir_path: str | Path) -> dict[str, Any]:
 
 
 def _prediction_inputs(
-    model: Any, adata: AnnData | None, rows: np.ndarray | None, steps: int, n_samples: int
+    model: Any, adata: AnnData | None, rows: np.ndarray | None, steps: int, n_samples: int, temperature: float = 1.0
 ) -> tuple[AnnData, np.ndarray]:
     """Checks shared by ``predict`` of MoLF and FLAG; returns the table to predict and the row positions."""
     name = type(model).__name__
@@ -867,6 +874,7 @@ def _prediction_inputs(
         raise ValueError(f"`n_samples` must be an integer of at least 1, got {n_samples!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
         raise ValueError(f"`steps` must be an integer of at least 1, got {steps!r}.")
+    check_temperature(temperature)
     rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
     if rows.size == 0:
         raise ValueError("Nothing to predict: the table has no spots, or `rows` selects none.")
@@ -911,6 +919,7 @@ def _draw(
     seed: int,
     batch_size: int,
     record: bool,
+    temperature: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """``n_samples`` draws for ``n`` spots from seeded prior noise, in batches; their mean, spread and summaries.
 
@@ -919,14 +928,15 @@ def _draw(
     of ``x``, ``latent`` and ``routing``. Returns ``mean``
     (clipped at 0), ``std`` (``n_samples > 1``), ``latent`` and ``routing`` (means over draws; routing is a column
     of ones when ``sample`` gives none: a dense model), ``z0`` (the first draw's noise) and ``trajectory`` (the first
-    draw's, when recorded). The same ``seed`` gives the same noise, hence the same numbers.
+    draw's, when recorded). The same ``seed`` gives the same noise, hence the same numbers; the noise is
+    ``temperature`` times a standard normal draw (0: every draw starts at the prior mean).
     """
     gen = torch.Generator().manual_seed(int(seed))
     total, total_sq = torch.zeros(n, dims[0]), torch.zeros(n, dims[0])
     lat, routing = torch.zeros(n, dims[1]), torch.zeros(n, dims[2])
     z0_first = traj = None
     for k in range(n_samples):
-        z0 = torch.randn(n, noise_dim, generator=gen)
+        z0 = torch.randn(n, noise_dim, generator=gen) * temperature
         if k == 0:
             z0_first = z0
         trajs = []

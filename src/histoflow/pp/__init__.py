@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from histoflow.pp._encoders import Encoder, get_encoder, list_encoders
+from histoflow.pp._features import scale_features
 from histoflow.pp._gene_embeddings import gene_embeddings_from_gene_sets, read_gene_embeddings
 from histoflow.pp._genes import select_genes
 from histoflow.pp._normalize import normalize
@@ -16,6 +17,7 @@ __all__ = [
     "list_encoders",
     "Encoder",
     "normalize",
+    "scale_features",
     "select_genes",
     "gene_embeddings_from_gene_sets",
     "read_gene_embeddings",

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from histoflow.io._resolve import Slide
-from histoflow.pp._patches import _Preprocess, iter_patches
+from histoflow.pp._patches import _Preprocess, encode, iter_patches
 
 __all__ = ["embed_distributed"]
 
@@ -50,15 +50,15 @@ class _Stream(torch.utils.data.IterableDataset):
 
 
 class _Module(L.LightningModule):
-    def __init__(self, enc: Any, patch_px: int):
+    def __init__(self, enc: Any, patch_px: int, dihedral: bool = False):
         super().__init__()
-        self.enc, self.patch_px = enc, patch_px
+        self.enc, self.patch_px, self.dihedral = enc, patch_px, dihedral
         self.model = enc.model  # registered, so Lightning moves it to the device
 
     def predict_step(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows, patches = batch
         x = _Preprocess(self.enc, self.device, self.patch_px)(patches)
-        return rows.cpu(), self.enc(x).float().cpu()
+        return rows.cpu(), encode(self.enc, x, self.dihedral).float().cpu()
 
 
 class _Writer(BasePredictionWriter):
@@ -88,6 +88,7 @@ def embed_distributed(
     devices: Any,
     strategy: str | None,
     num_nodes: int = 1,
+    dihedral: bool = False,
     show_progress_bar: bool = True,
 ) -> np.ndarray:
     """Features ``(n_obs, d)`` for the spots of ``slides``, computed by ``Trainer.predict`` on many devices."""
@@ -112,7 +113,7 @@ def embed_distributed(
             inference_mode=True,
         )
         loader = torch.utils.data.DataLoader(_Stream(slides, kwargs), batch_size=None)
-        trainer.predict(_Module(enc, patch_px), dataloaders=loader, return_predictions=False)
+        trainer.predict(_Module(enc, patch_px, dihedral), dataloaders=loader, return_predictions=False)
         feats: np.ndarray | None = None
         seen = np.zeros(n_obs, dtype=bool)
         for f in sorted(folder.glob("rank*.npz")):

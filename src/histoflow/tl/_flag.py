@@ -42,6 +42,7 @@ def fit_flag(
     strategy: str | None = None,
     steps: int = 1,
     n_samples: int = 1,
+    temperature: float = 1.0,
     seed: int = 0,
     key_added: str = "flag",
     train_kwargs: dict[str, Any] | None = None,
@@ -91,6 +92,8 @@ def fit_flag(
         Euler steps at prediction (1 = one velocity evaluation).
     n_samples
         Draws per spot at prediction (their spread goes to ``obsm[f"{key_added}_std"]``).
+    temperature
+        Scale of the prior noise at prediction: 1 samples the model, 0 gives its deterministic point estimate.
     seed
         Seed for training and sampling; the same seed gives the same numbers on CPU.
     key_added
@@ -136,6 +139,7 @@ def fit_flag(
         train_kwargs=train_kwargs,
         steps=steps,
         n_samples=n_samples,
+        temperature=temperature,
         seed=seed,
         key_added=key_added,
         embedding_key=embedding_key,

@@ -13,6 +13,7 @@ from histoflow._constants import Key
 from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import copy_data, get_table, log_write
+from histoflow._validate import check_temperature
 from histoflow.tl._write import write_predictions
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ def fit_molf(
     strategy: str | None = None,
     steps: int = 1,
     n_samples: int = 1,
+    temperature: float = 1.0,
     seed: int = 0,
     key_added: str = "molf",
     train_kwargs: dict[str, Any] | None = None,
@@ -128,7 +130,12 @@ def fit_molf(
     steps
         Euler steps at prediction (1 = one velocity evaluation).
     n_samples
-        Draws per spot at prediction (their spread goes to ``obsm[f"{key_added}_std"]``).
+        Draws per spot at prediction (their mean is the prediction, their spread goes to
+        ``obsm[f"{key_added}_std"]``). One draw is one sample of the model; for a point estimate scored by PCC,
+        average several: on HER2ST 16 draws scored 0.239 against 0.227 with 4 (benchmarks page).
+    temperature
+        Scale of the prior noise at prediction (see :meth:`histoflow.models.MoLF.predict`): 1 samples the model, 0
+        gives its deterministic point estimate in one draw.
     seed
         Seed for training and sampling; the same seed gives the same numbers on CPU.
     key_added
@@ -180,6 +187,7 @@ def fit_molf(
         train_kwargs=train_kwargs,
         steps=steps,
         n_samples=n_samples,
+        temperature=temperature,
         seed=seed,
         key_added=key_added,
         embedding_key=embedding_key,
@@ -196,15 +204,18 @@ def _train_predict_write(
     train_kwargs: dict[str, Any] | None,
     steps: int,
     n_samples: int,
+    temperature: float,
     seed: int,
     key_added: str,
     embedding_key: str,
 ) -> None:
     """Train a flow model (MoLF, FLAG) on ``table``, predict every spot and write the predictions (``fit_*``)."""
+    temperature = check_temperature(temperature)  # before training, not after it
     model.train(max_epochs, seed=seed, **train, **(train_kwargs or {}))
     rows = np.arange(table.n_obs)
-    res = model.predict(table, rows=rows, steps=steps, n_samples=n_samples, seed=seed)
-    params = {"steps": steps, "n_samples": n_samples, "seed": seed, "guidance": model.config.guidance}
+    res = model.predict(table, rows=rows, steps=steps, n_samples=n_samples, temperature=temperature, seed=seed)
+    params = {"steps": steps, "n_samples": n_samples, "temperature": temperature, "seed": seed}
+    params["guidance"] = model.config.guidance
     _write(table, model, key_added, rows, res, {**params, "embedding_key": embedding_key})
 
 
@@ -217,6 +228,7 @@ def predict(
     steps: int = 1,
     guidance: float | None = None,
     n_samples: int = 1,
+    temperature: float = 1.0,
     seed: int = 0,
     allow_unknown: bool = False,
     embed: bool = True,
@@ -238,7 +250,13 @@ def predict(
     guidance
         Guidance scale (default: the model's, see :func:`select_guidance`).
     n_samples
-        Draws per spot; mean and standard deviation are written.
+        Draws per spot; mean and standard deviation are written. For a point estimate scored by PCC, average
+        several (on HER2ST 16 draws scored 0.239 against 0.227 with 4); each draw costs one velocity evaluation and
+        one decoder pass, the condition is encoded once.
+    temperature
+        Scale of the prior noise (see :meth:`histoflow.models.MoLF.predict`): 1 (default) samples the model as
+        trained; 0 starts every spot at the prior mean, the model's deterministic point estimate in a single draw
+        (on HER2ST about as accurate as the mean of 4 draws, at a quarter of the cost).
     seed
         Seed of the prior noise.
     allow_unknown
@@ -257,6 +275,7 @@ def predict(
     when ``copy=True``.
     """
     key_added = type(model).__name__.lower() if key_added is None else key_added
+    temperature = check_temperature(temperature)
     target = copy_data(sdata, table_key) if copy else sdata
     table = get_table(target, table_key)
     reg = model.registry
@@ -291,7 +310,13 @@ def predict(
             feats_table = feats_table.copy() if feats_table is table else feats_table
             feats_table.obs[key] = "<unknown>"
     res = model.predict(
-        feats_table, steps=steps, guidance=guidance, n_samples=n_samples, seed=seed, allow_unknown=allow_unknown
+        feats_table,
+        steps=steps,
+        guidance=guidance,
+        n_samples=n_samples,
+        temperature=temperature,
+        seed=seed,
+        allow_unknown=allow_unknown,
     )
     _write(
         table,
@@ -302,6 +327,7 @@ def predict(
         {
             "steps": steps,
             "n_samples": n_samples,
+            "temperature": temperature,
             "seed": seed,
             "guidance": model.config.guidance if guidance is None else float(guidance),
         },
@@ -330,6 +356,7 @@ def select_guidance(
     split_key: str = Key.split,
     steps: int = 1,
     n_samples: int = 1,
+    temperature: float = 1.0,
     seed: int = 0,
     key_added: str = "molf",
 ) -> pd.DataFrame:
@@ -354,8 +381,9 @@ def select_guidance(
         Which ``obs[split_key]`` spots to score (validation slides by default).
     split_key
         ``obs`` column with the split.
-    steps, n_samples, seed
-        Sampling settings, as in :func:`predict`.
+    steps, n_samples, temperature, seed
+        Sampling settings, as in :func:`predict`; sweep with the settings you will predict with (e.g.
+        ``temperature=0`` for point estimates).
     key_added
         Writes ``uns[f"{key_added}_guidance"]``.
 
@@ -368,6 +396,7 @@ def select_guidance(
     from histoflow.tl._metrics import cosine_distance_per_spot, wasserstein_per_spot
 
     table = get_table(sdata, table_key)
+    temperature = check_temperature(temperature)
     if tau < 0:
         raise ValueError(f"`tau` must be non-negative, got {tau}.")
     if not len(scales):
@@ -380,7 +409,15 @@ def select_guidance(
     y, mask = targets(table, model.registry.genes, model.registry.layer, rows, model.keys["library_key"])
     records = []
     for w in scales:
-        res = model.predict(table, rows=rows, steps=steps, guidance=float(w), n_samples=n_samples, seed=seed)
+        res = model.predict(
+            table,
+            rows=rows,
+            steps=steps,
+            guidance=float(w),
+            n_samples=n_samples,
+            temperature=temperature,
+            seed=seed,
+        )
         records.append(
             {
                 "guidance": float(w),
@@ -393,7 +430,13 @@ def select_guidance(
     sweep["feasible"] = sweep["w1"] <= (1 + tau) * sweep["w1"].min()
     sweep["chosen"] = sweep["guidance"] == chosen
     model.config.guidance = chosen
-    table.uns[f"{key_added}_guidance"] = {"sweep": sweep, "tau": float(tau), "chosen": chosen, "split": split}
+    table.uns[f"{key_added}_guidance"] = {
+        "sweep": sweep,
+        "tau": float(tau),
+        "chosen": chosen,
+        "split": split,
+        "temperature": temperature,
+    }
     log_write("uns", f"{key_added}_guidance")
     logger.info("Guidance scale %.2f chosen by filter-and-rank (tau %.2f).", chosen, tau)
     return sweep
