@@ -178,6 +178,7 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
     model.train(args.epochs, batch_size=args.batch_size, accelerator="cpu", devices=1, **train_kwargs)
     if args.select_guidance:  # MoLF's appendix C: filter-and-rank on the validation section
         hf.tl.select_guidance(model, sdata, n_samples=args.n_samples, temperature=args.temperature, key_added=key)
+        print(f"    {method}: guidance {model.config.guidance:g} chosen by filter-and-rank", flush=True)
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
     hf.tl.predict(model, sdata, n_samples=args.n_samples, temperature=args.temperature, key_added=key)
