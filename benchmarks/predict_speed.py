@@ -1,10 +1,12 @@
 """Prediction speed of MoLF: spots per second and peak memory.
 
-    python benchmarks/predict_speed.py [--sizes 10000 100000] [--repeats 3] [--threads 2]
+    python benchmarks/predict_speed.py [--sizes 10000 100000] [--repeats 3] [--threads 2] [--models molf molf_16 mlp]
 
 Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with guidance (w = 2: conditional and null branch in one batched forward pass),
 - MoLF, steps = 10 with guidance,
+- MoLF, steps = 1 with guidance, mean of 16 draws (``n_samples=16``: the condition is encoded once, each draw is a
+  velocity evaluation and a decoder pass),
 - MoLF, steps = 1 with a condition width of 128 instead of the paper's 256 (``cond_dim=128``),
 - MoLF, steps = 1 without spatial context (bag of patches),
 - the MLP baseline (one forward pass),
@@ -74,9 +76,10 @@ def _run(kind: str, n: int, repeats: int, threads: int, q: mp.Queue) -> None:
         m = MoLF(a, spatial_context=spatial, **({"cond_dim": 128} if kind == "molf_128" else {}))
         m.is_trained = True
         steps = 10 if kind == "molf_10" else 1
+        draws = 16 if kind == "molf_16" else 1
         for _ in range(repeats):
             t = time.perf_counter()
-            m.predict(a, steps=steps, guidance=2.0)
+            m.predict(a, steps=steps, guidance=2.0, n_samples=draws)
             times.append(time.perf_counter() - t)
     q.put((statistics.median(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
@@ -86,15 +89,22 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--models", nargs="+", help="run only these rows (the MLP baseline always runs: ratios need it)")
     args = p.parse_args()
     ctx = mp.get_context("spawn")
     rows = [
         ("molf", "MoLF, 1 step, guidance w=2"),
         ("molf_10", "MoLF, 10 steps, guidance w=2"),
+        ("molf_16", "MoLF, 1 step, w=2, mean of 16 draws"),
         ("molf_128", "MoLF, 1 step, w=2, cond_dim=128"),
         ("molf_bag", "MoLF, 1 step, w=2, no spatial context"),
         ("mlp", "MLP baseline"),
     ]
+    if args.models:
+        unknown = sorted(set(args.models) - {k for k, _ in rows})
+        if unknown:
+            p.error(f"unknown --models {unknown}; choose from {[k for k, _ in rows]}")
+        rows = [(k, label) for k, label in rows if k in args.models or k == "mlp"]
     print(f"threads={args.threads} repeats={args.repeats} (median), features 1280-d, 50 genes")
     print()
     print("| spots | model | seconds | spots/s | vs MLP | peak RSS (MB) |")
