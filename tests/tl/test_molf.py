@@ -155,6 +155,14 @@ def test_temperature_scales_the_prior_noise_and_zero_gives_one_deterministic_poi
     assert (set(b.obsm), set(b.uns)) == keys
 
 
+def test_fit_checks_temperature_before_training():
+    a = _table()
+    keys = set(a.obsm), set(a.uns)
+    with pytest.raises(ValueError, match="`temperature` must be a finite number"):
+        hf.tl.fit_molf(a, embedding_key="X_feat", max_epochs=1, temperature=-1.0, train_kwargs=TRAIN, **SMALL)
+    assert (set(a.obsm), set(a.uns)) == keys
+
+
 def test_guidance_selection_known_answer():
     sweep = pd.DataFrame(
         {"guidance": [0.0, 1.0, 2.0, 3.0], "w1": [0.50, 0.40, 0.41, 0.60], "cosine": [0.30, 0.20, 0.10, 0.05]}

@@ -39,8 +39,8 @@ def scale_features(
     :func:`histoflow.tl.predict`; it is not fitted on training slides and reused, so apply it to every slide,
     training and new, with the same ``groupby``.
 
-    On HER2ST (leave one section out, ``benchmarks/her2st.py``) it raises the held-out PCC of every method; see the
-    benchmarks page of the documentation.
+    On HER2ST (leave one section out, ``benchmarks/her2st.py``) it raised the held-out PCC of the ridge probe, the MLP
+    and MoLF (not of MoLF's dense ablation); see the benchmarks page of the documentation.
 
     Parameters
     ----------
@@ -51,7 +51,7 @@ def scale_features(
         ``obs`` column naming the slide of each spot; the statistics are computed per value. ``None`` standardises
         over all spots at once. Every group needs at least two spots.
     key_added
-        ``obsm`` key that receives the scaled features (float32); default ``f"{{embedding_key}}_scaled"``. Passing
+        ``obsm`` key that receives the scaled features (float32); default ``f"{embedding_key}_scaled"``. Passing
         ``embedding_key`` replaces the features.
     {doc_copy}
 
