@@ -137,6 +137,8 @@ def test_defaults_are_those_of_the_python_api():
     assert embed.patch_px == sig["embed"]["patch_px"].default
     assert embed.batch_size == sig["embed"]["batch_size"].default
     assert embed.devices is sig["embed"]["devices"].default is None
+    assert embed.dihedral is sig["embed"]["dihedral"].default is False
+    assert parser.parse_args(["embed", "x.zarr", "--dihedral"]).dihedral is True
     fit = parser.parse_args(["fit", "x.zarr", "--model-dir", "m"])
     assert fit.model == "molf"
     assert fit.embedding_key == sig["molf"]["embedding_key"].default
