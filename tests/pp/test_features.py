@@ -38,7 +38,7 @@ def test_each_slide_gets_zero_mean_unit_variance_and_other_keys_are_untouched():
     np.testing.assert_array_equal(adata.obsm["X_enc"], before)
     pd.testing.assert_frame_equal(adata.obs, obs_before)
     assert set(adata.obsm) == {"X_enc", "X_enc_scaled"}
-    assert adata.uns["X_enc_scaled"] == {"embedding_key": "X_enc", "groupby": "library_id"}
+    assert adata.uns["X_enc_scaled"] == {"scaled_from": "X_enc", "scaled_groupby": "library_id"}
     assert adata.uns["keep"] == 1
 
 
@@ -51,7 +51,7 @@ def test_groupby_none_is_a_global_standard_scaler_and_constant_features_become_z
     ref = StandardScaler().fit_transform(adata.obsm["X_enc"].astype(np.float64))
     np.testing.assert_allclose(adata.obsm["z"], ref, rtol=1e-5, atol=1e-5)
     assert (adata.obsm["z"][:, 2] == 0).all()
-    assert adata.uns["z"]["groupby"] == "None"
+    assert adata.uns["z"]["scaled_groupby"] == "None"
 
 
 def test_dataframe_features_copy_and_replacing_in_place():
@@ -104,3 +104,38 @@ def test_bad_input_raises_and_writes_nothing(change, kwargs, err, match):
     with pytest.raises(err, match=match):
         hf.pp.scale_features(adata, call.pop("embedding_key"), **call)
     assert (set(adata.obsm), set(adata.uns)) == keys
+
+
+def test_model_trained_on_scaled_rotation_averaged_features_embeds_a_new_slide_the_same_way():
+    """tl.predict on a slide without features: embedded with the model's encoder and dihedral averaging, then
+    standardised per slide as the training features were, so the prediction equals the one from stored features."""
+    sdata = hf.datasets.synthetic(n_slides=4, grid=(4, 4), n_genes=12, pixel_size_um=2.0, seed=0)
+    hf.pp.normalize(sdata)
+    hf.pp.split_slides(sdata, level="slide", val_frac=1, test_frac=0, stratify=None, seed=0)
+    table = sdata.tables["table"]
+    hf.pp.embed_patches(sdata, "efficientnet_lite0", patch_px=32, dihedral=True, show_progress_bar=False)
+    record = dict(table.uns["X_efficientnet_lite0"])
+    hf.pp.scale_features(sdata, "X_efficientnet_lite0", key_added="X_efficientnet_lite0")
+    assert table.uns["X_efficientnet_lite0"]["encoder"] == record["encoder"] == "efficientnet_lite0"
+    assert table.uns["X_efficientnet_lite0"]["dihedral"] is True
+    assert table.uns["X_efficientnet_lite0"]["scaled_groupby"] == "library_id"
+    small = {"latent_dim": 4, "vae_d_model": 16, "vae_ff_dim": 32, "cond_dim": 16, "expert_width": 16}
+    model = hf.tl.fit_molf(
+        sdata,
+        max_epochs=1,
+        batch_size=32,
+        accelerator="cpu",
+        devices=1,
+        n_experts=2,
+        top_k=1,
+        vae_heads=2,
+        expert_heads=2,
+        train_kwargs={"show_progress_bar": False},
+        **small,
+    )
+    assert model.registry.encoder["scaled_groupby"] == "library_id" and model.registry.encoder["dihedral"] is True
+    fresh = hf.datasets.synthetic(n_slides=4, grid=(4, 4), n_genes=12, pixel_size_um=2.0, seed=0)
+    hf.tl.predict(model, fresh, seed=0, key_added="again")
+    new = fresh.tables["table"]
+    np.testing.assert_allclose(new.obsm["X_efficientnet_lite0"], table.obsm["X_efficientnet_lite0"], atol=1e-4)
+    np.testing.assert_allclose(new.obsm["again"].to_numpy(), table.obsm["molf"].to_numpy(), rtol=1e-4, atol=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,8 +59,10 @@ def scale_features(
     Returns
     -------
     ``None``, or the modified copy when ``copy=True``. Writes ``obsm[key_added]`` (same shape as the features; a
-    feature that is constant within a slide becomes 0 there) and ``uns[key_added]`` with ``embedding_key`` and
-    ``groupby``.
+    feature that is constant within a slide becomes 0 there) and ``uns[key_added]``: the features' own record
+    (encoder, patch size, from :func:`~histoflow.pp.embed_patches`) with ``scaled_from`` (``embedding_key``) and
+    ``scaled_groupby``. A model trained on the scaled features keeps that record, and :func:`histoflow.tl.predict`
+    embeds a slide that lacks features and scales it the same way.
 
     Examples
     --------
@@ -114,6 +117,11 @@ def scale_features(
     table = get_table(target, table_key)
     table.obsm[key_added] = out
     log_write("obsm", key_added)
-    table.uns[key_added] = {"embedding_key": embedding_key, "groupby": "None" if groupby is None else groupby}
+    # keep the record of the features' encoder (embed_patches), so that a model trained on the scaled features can
+    # embed and scale a new slide the same way (tl.predict)
+    source = adata.uns.get(embedding_key)
+    record = dict(source) if isinstance(source, Mapping) else {}
+    record.update(scaled_from=embedding_key, scaled_groupby="None" if groupby is None else groupby)
+    table.uns[key_added] = record
     log_write("uns", key_added)
     return target if copy else None

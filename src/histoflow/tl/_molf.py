@@ -238,7 +238,8 @@ def predict(
     """Predict expression with a trained model for every spot of ``sdata`` (expression is not needed).
 
     When ``obsm`` lacks the model's patch features and ``sdata`` has the H&E image, the patches are embedded first
-    with the encoder the model was trained with (:func:`histoflow.pp.embed_patches`, same patch size).
+    with the encoder the model was trained with (:func:`histoflow.pp.embed_patches`, same patch size and rotation
+    averaging), and standardised per slide when the training features were (:func:`histoflow.pp.scale_features`).
 
     Parameters
     ----------
@@ -295,8 +296,15 @@ def predict(
             table_key=table_key,
             patch_size_um=float(reg.encoder["patch_size_um"]),
             patch_px=int(reg.encoder["patch_px"]),
+            dihedral=bool(reg.encoder.get("dihedral", False)),
             key_added=reg.embedding_key,
         )
+        scaled = reg.encoder.get("scaled_groupby")
+        if scaled:  # the model was trained on features standardised per slide (pp.scale_features)
+            from histoflow.pp import scale_features
+
+            groupby = None if scaled == "None" else str(scaled)
+            scale_features(probe, reg.embedding_key, groupby=groupby, table_key=table_key, key_added=reg.embedding_key)
         feats_table = get_table(probe, table_key)
     else:
         feats_table = table
