@@ -257,9 +257,18 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def read_hest_bench_task(
-    root: Path, task: str, *, features: Path | None, encoder: str, patch_px: int, scale_features: str = "none"
+    root: Path,
+    task: str,
+    *,
+    features: Path | None,
+    encoder: str,
+    patch_px: int,
+    scale_features: str = "none",
+    dihedral: bool = False,
 ):
     """One HEST-Bench task as an AnnData table: raw counts, log1p, features, ``obs['library_id']``."""
+    if dihedral and features is not None:
+        raise ValueError("--dihedral needs the patches (it embeds them); it cannot apply to precomputed --features.")
     import anndata as ad
     import h5py
 
@@ -283,7 +292,7 @@ def read_hest_bench_task(
                 emb = np.asarray(h["embeddings"], dtype=np.float32)
                 bc = [b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(h["barcodes"]).ravel()]
         else:
-            emb, bc = _embed_hest_patches(tdir / "patches" / f"{sid}.h5", encoder, patch_px)
+            emb, bc = _embed_hest_patches(tdir / "patches" / f"{sid}.h5", encoder, patch_px, dihedral)
         pos = pd.Index([f"{sid}:{b}" for b in bc]).get_indexer(a.obs_names)
         if (pos < 0).any():
             raise ValueError(f"{sid}: {(pos < 0).sum()} spots have no features")
@@ -301,11 +310,13 @@ def read_hest_bench_task(
     return table
 
 
-def _embed_hest_patches(path: Path, encoder: str, patch_px: int) -> tuple[np.ndarray, list[str]]:
+def _embed_hest_patches(
+    path: Path, encoder: str, patch_px: int, dihedral: bool = False
+) -> tuple[np.ndarray, list[str]]:
     import h5py
     import torch
 
-    from histoflow.pp._patches import _Preprocess
+    from histoflow.pp._patches import _Preprocess, encode
 
     enc = hf.pp.get_encoder(encoder)
     enc.model.eval()
@@ -314,7 +325,7 @@ def _embed_hest_patches(path: Path, encoder: str, patch_px: int) -> tuple[np.nda
         bc = [b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(h["barcode"]).ravel()]
     prep = _Preprocess(enc, torch.device("cpu"), img.shape[1])
     with torch.inference_mode():
-        out = [enc(prep(img[s : s + 64])).float().numpy() for s in range(0, len(img), 64)]
+        out = [encode(enc, prep(img[s : s + 64]), dihedral).float().numpy() for s in range(0, len(img), 64)]
     return np.concatenate(out), bc
 
 
@@ -328,6 +339,7 @@ def run_hest_bench(args: argparse.Namespace) -> pd.DataFrame:
         encoder=args.encoder,
         patch_px=args.patch_px,
         scale_features=args.scale_features,
+        dihedral=args.dihedral,
     )
     splits = sorted((root / args.task / "splits").glob("train_*.csv"))
     records = []

@@ -85,6 +85,19 @@ def test_hest_bench_mode_reads_the_layout_and_scores_every_fold(tmp_path, capsys
     assert "| ridge (HEST probe) |" in out and "mean ± std over 2 folds" in out
 
 
+def test_hest_bench_read_scales_features_per_sample_and_refuses_dihedral_on_precomputed(tmp_path):
+    harness = _harness()
+    ids = _hest_bench(tmp_path / "bench", tmp_path / "feats")
+    kw = {"features": tmp_path / "feats", "encoder": "enc", "patch_px": 224}
+    table = harness.read_hest_bench_task(tmp_path / "bench", "IDC", scale_features="slide", **kw)
+    for sid in ids:
+        block = table.obsm["X_enc"][(table.obs["library_id"] == sid).to_numpy()]
+        np.testing.assert_allclose(block.mean(0), 0.0, atol=1e-5)
+        np.testing.assert_allclose(block.std(0), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="--dihedral needs the patches"):
+        harness.read_hest_bench_task(tmp_path / "bench", "IDC", dihedral=True, **kw)
+
+
 def test_her2st_folds_leave_one_section_out():
     folds = _harness().her2st_folds(["C2", "C3", "C4", "C5", "C6"])
     assert len(folds) == 5
