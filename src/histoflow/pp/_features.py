@@ -106,8 +106,10 @@ def scale_features(
 
     # compute everything before writing
     out = np.empty(X.shape, dtype=np.float32)
-    for g in np.flatnonzero(counts):
-        rows = codes == g
+    order = np.argsort(codes, kind="stable")  # one sort, then each slide's rows are a contiguous run
+    for rows in np.split(order, np.cumsum(counts)[:-1]):
+        if not rows.size:
+            continue
         block = X[rows]
         mean = block.mean(axis=0)
         std = block.std(axis=0)
