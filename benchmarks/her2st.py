@@ -2,17 +2,18 @@
 
     python benchmarks/her2st.py [--path ../shared/data/her2st] [--sections C2 C3 C4 C5 C6]
                                 [--methods molf dense mlp ridge] [--panels hvg50 hallmark] [--epochs 200]
-                                [--dihedral] [--scale-features none|slide] [--n-samples 4] [--temperature 1]
-                                [--set KEY=VALUE ...] [--vae-extra]
+                                [--dihedral] [--context-um 224] [--scale-features none|slide]
+                                [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
                                 [--quick] [--threads 2] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
 
 HER2ST mode (DESIGN.md "Targets on real data"): the sections with an H&E image (C2–C6, patient C) are read with
 ``io.read_her2st``; patch features come from ``pp.embed_patches`` (``efficientnet_lite0``, HEST convention: 112 µm
-cut to 224 px; ``--dihedral`` averages them over the 8 rotations and flips of each patch) and are cached
-(``--cache``); ``--scale-features slide`` standardises them within each section (``pp.scale_features``). Each
-section is the test section once; of the other four, the next one (cyclically) is the validation section (early
-stopping for MoLF and the MLP) and the remaining three are training sections. Targets: ``log1p`` of raw counts.
+cut to 224 px; ``--dihedral`` averages them over the 8 rotations and flips of each patch; ``--context-um 224`` adds
+the features of a 224 µm patch around each spot) and are cached (``--cache``); ``--scale-features slide``
+standardises them within each section (``pp.scale_features``). Each section is the test section once; of the other
+four, the next one (cyclically) is the validation section (early stopping for MoLF and the MLP) and the remaining
+three are training sections. Targets: ``log1p`` of raw counts.
 Panels, chosen on the training sections only:
 
 - ``hvg50``: the top 50 highly variable genes (scanpy ``seurat_v3`` on raw counts, ``pp.select_genes``);
@@ -97,7 +98,8 @@ def load_her2st(args: argparse.Namespace):
     hf.pp.normalize(sdata)
     key = f"X_{args.encoder}"
     d4 = "_d4" if args.dihedral else ""
-    cache = Path(args.cache) / f"her2st_{args.encoder}_{args.patch_px}px{d4}_{'_'.join(args.sections)}.npz"
+    ctx = "".join(f"_ctx{c:g}" for c in args.context_um or [])
+    cache = Path(args.cache) / f"her2st_{args.encoder}_{args.patch_px}px{d4}_{'_'.join(args.sections)}{ctx}.npz"
     if cache.is_file():
         blob = np.load(cache, allow_pickle=False)
         if list(blob["obs_names"]) == list(table.obs_names):
@@ -106,7 +108,12 @@ def load_her2st(args: argparse.Namespace):
     if key not in table.obsm:
         t0 = time.perf_counter()
         hf.pp.embed_patches(
-            sdata, args.encoder, patch_px=args.patch_px, dihedral=args.dihedral, show_progress_bar=False
+            sdata,
+            args.encoder,
+            patch_px=args.patch_px,
+            dihedral=args.dihedral,
+            context_size_um=args.context_um,
+            show_progress_bar=False,
         )
         embed_s = time.perf_counter() - t0
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -330,6 +337,8 @@ def _embed_hest_patches(
 
 
 def run_hest_bench(args: argparse.Namespace) -> pd.DataFrame:
+    if args.context_um:
+        raise SystemExit("--context-um needs the whole image; HEST-Bench ships only the 112 µm spot patches.")
     root = Path(args.hest_bench)
     feats = Path(args.features) if args.features else None
     table = read_hest_bench_task(
@@ -385,6 +394,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         choices=["none", "slide"],
         default="none",
         help="'slide': standardise the features within each slide (pp.scale_features) before every method",
+    )
+    p.add_argument(
+        "--context-um",
+        type=float,
+        nargs="+",
+        metavar="UM",
+        help="multi-scale features: also embed context patches of these sides (µm) around each spot (concatenated)",
     )
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--patience", type=int, default=20)

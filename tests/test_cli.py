@@ -139,6 +139,8 @@ def test_defaults_are_those_of_the_python_api():
     assert embed.devices is sig["embed"]["devices"].default is None
     assert embed.dihedral is sig["embed"]["dihedral"].default is False
     assert parser.parse_args(["embed", "x.zarr", "--dihedral"]).dihedral is True
+    assert embed.context_size_um is sig["embed"]["context_size_um"].default is None
+    assert parser.parse_args(["embed", "x.zarr", "--context-size-um", "224", "448"]).context_size_um == [224.0, 448.0]
     fit = parser.parse_args(["fit", "x.zarr", "--model-dir", "m"])
     assert fit.model == "molf"
     assert fit.embedding_key == sig["molf"]["embedding_key"].default

@@ -450,6 +450,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         accelerator=args.accelerator,
         devices=args.devices,
         dihedral=args.dihedral,
+        context_size_um=args.context_size_um,
         show_progress_bar=not args.quiet,
         key_added=args.key_added,
     )
@@ -1004,6 +1005,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=emb["dihedral"],
         help="average the features over the 8 rotations and flips of each patch (8 encoder passes)",
+    )
+    p.add_argument(
+        "--context-size-um",
+        type=_positive_float,
+        nargs="+",
+        default=emb["context_size_um"],
+        metavar="UM",
+        help="also embed larger patches of these sides (µm) around each spot; features concatenated (multi-scale)",
     )
     p.add_argument("--key-added", default=emb["key_added"], help="obsm key (default X_<encoder>)")
     p.set_defaults(func=_cmd_embed, parser=p)

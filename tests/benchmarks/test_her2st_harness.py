@@ -107,6 +107,13 @@ def test_her2st_folds_leave_one_section_out():
     assert [next(s for s, v in f.items() if v == "test") for f in folds] == ["C2", "C3", "C4", "C5", "C6"]
 
 
+def test_hest_bench_mode_refuses_context_patches(tmp_path):
+    _hest_bench(tmp_path / "bench", tmp_path / "feats")
+    argv = ["--hest-bench", str(tmp_path / "bench"), "--features", str(tmp_path / "feats"), "--context-um", "224"]
+    with pytest.raises(SystemExit, match="--context-um needs the whole image"):
+        _harness().main(argv)
+
+
 @pytest.mark.parametrize("bad", ["missing"])
 def test_hest_bench_mode_without_adata_folder_is_a_clear_error(tmp_path, bad):
     with pytest.raises(FileNotFoundError, match="adata"):

@@ -253,3 +253,36 @@ def test_router_init_from_kmeans_sends_each_cluster_to_its_own_expert():
     hard = MixtureOfExperts(5, lambda: torch.nn.Linear(5, 3), n_experts=4, gate_dim=0)
     with pytest.raises(ValueError, match="no learned router"):
         hard.init_router(r)
+
+
+def test_encoder_record_keeps_scalars_and_numeric_lists_as_json():
+    """The registry's copy of ``uns[embedding_key]``: what anndata reads back (numpy scalars, arrays) as JSON types."""
+    import json
+
+    from histoflow.models._data import encoder_record
+
+    record = {
+        "encoder": "efficientnet_lite0",
+        "patch_px": np.int64(224),
+        "patch_size_um": 112.0,
+        "dihedral": np.bool_(True),
+        "context_size_um": np.array([224.0, 448.0]),
+        "none_given": np.array([], dtype=float),
+        "mean": [0.485, 0.456, 0.406],
+        "names": np.array(["a", "b"]),
+        "nested": {"a": 1},
+        "matrix": np.zeros((2, 2)),
+    }
+    out = encoder_record(record)
+    assert out == {
+        "encoder": "efficientnet_lite0",
+        "patch_px": 224,
+        "patch_size_um": 112.0,
+        "dihedral": True,
+        "context_size_um": [224.0, 448.0],
+        "none_given": [],
+        "mean": [0.485, 0.456, 0.406],
+    }
+    assert type(out["patch_px"]) is int and type(out["dihedral"]) is bool
+    assert json.loads(json.dumps(out)) == out
+    assert encoder_record(None) == {} and encoder_record("X") == {}

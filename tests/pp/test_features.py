@@ -107,13 +107,17 @@ def test_bad_input_raises_and_writes_nothing(change, kwargs, err, match):
 
 
 def test_model_trained_on_scaled_rotation_averaged_features_embeds_a_new_slide_the_same_way():
-    """tl.predict on a slide without features: embedded with the model's encoder and dihedral averaging, then
-    standardised per slide as the training features were, so the prediction equals the one from stored features."""
+    """tl.predict on a slide without features: embedded with the model's encoder, dihedral averaging and context
+    patch, then standardised per slide as the training features were, so the prediction equals the one from stored
+    features."""
     sdata = hf.datasets.synthetic(n_slides=4, grid=(4, 4), n_genes=12, pixel_size_um=2.0, seed=0)
     hf.pp.normalize(sdata)
     hf.pp.split_slides(sdata, level="slide", val_frac=1, test_frac=0, stratify=None, seed=0)
     table = sdata.tables["table"]
-    hf.pp.embed_patches(sdata, "efficientnet_lite0", patch_px=32, dihedral=True, show_progress_bar=False)
+    hf.pp.embed_patches(
+        sdata, "efficientnet_lite0", patch_px=32, dihedral=True, context_size_um=224, show_progress_bar=False
+    )
+    assert table.obsm["X_efficientnet_lite0"].shape == (table.n_obs, 2 * 1280)
     record = dict(table.uns["X_efficientnet_lite0"])
     hf.pp.scale_features(sdata, "X_efficientnet_lite0", key_added="X_efficientnet_lite0")
     assert table.uns["X_efficientnet_lite0"]["encoder"] == record["encoder"] == "efficientnet_lite0"
@@ -134,6 +138,7 @@ def test_model_trained_on_scaled_rotation_averaged_features_embeds_a_new_slide_t
         **small,
     )
     assert model.registry.encoder["scaled_groupby"] == "library_id" and model.registry.encoder["dihedral"] is True
+    assert list(model.registry.encoder["context_size_um"]) == [224.0]
     fresh = hf.datasets.synthetic(n_slides=4, grid=(4, 4), n_genes=12, pixel_size_um=2.0, seed=0)
     hf.tl.predict(model, fresh, seed=0, key_added="again")
     new = fresh.tables["table"]

@@ -278,11 +278,11 @@ class _TopRow(torch.nn.Module):
         return x[:, :, 0, :].mean(dim=2)
 
 
-def _edge_means(sdata) -> np.ndarray:
+def _edge_means(sdata, size_um: float = 16.0) -> np.ndarray:
     """Per-channel mean colour of each of the 4 edges of every patch, normalised as the encoder input: (n, 4, 3)."""
     from histoflow.pp._encoders import IMAGENET_MEAN, IMAGENET_STD
 
-    p = crop_patches(sdata, patch_size_um=16.0, patch_px=32).astype(np.float64)
+    p = crop_patches(sdata, patch_size_um=size_um, patch_px=32).astype(np.float64)
     edges = np.stack([p[:, 0].mean(1), p[:, -1].mean(1), p[:, :, 0].mean(1), p[:, :, -1].mean(1)], axis=1)
     return (edges / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
 
@@ -301,14 +301,48 @@ def test_embed_dihedral_averages_the_eight_rotations_and_flips(sdata):
         embed_patches(sdata, _TopRow(), dihedral="yes", **kw)
 
 
+def test_embed_context_patches_are_concatenated_after_the_spot_patch(sdata):
+    """Multi-scale features: [spot patch | each context patch], every block the encoder's output on that crop."""
+    kw = {"patch_size_um": 16.0, "patch_px": 32, "show_progress_bar": False}
+    embed_patches(sdata, _TopRow(), key_added="ms", context_size_um=[40.0, 24.0], dihedral=True, **kw)
+    table = sdata.tables["table"]
+    expected = np.hstack([_edge_means(sdata, size).mean(axis=1) for size in (16.0, 40.0, 24.0)])
+    assert table.obsm["ms"].shape == (table.n_obs, 9) and table.obsm["ms"].dtype == np.float32
+    np.testing.assert_allclose(table.obsm["ms"], expected, rtol=1e-4, atol=1e-4)
+    rec = table.uns["ms"]
+    assert rec["context_size_um"] == [40.0, 24.0] and rec["patch_size_um"] == 16.0 and rec["n_features"] == 9
+    embed_patches(sdata, _TopRow(), key_added="one", context_size_um=40, **kw)  # a single size is a number
+    np.testing.assert_allclose(table.obsm["one"][:, 3:], _edge_means(sdata, 40.0)[:, 0], rtol=1e-4, atol=1e-4)
+    embed_patches(sdata, _TopRow(), key_added="none", **kw)
+    assert table.uns["none"]["context_size_um"] == [] and table.obsm["none"].shape[1] == 3
+
+
+@pytest.mark.parametrize(
+    ("bad", "err", "match"),
+    [
+        (0.0, ValueError, "`context_size_um` must be positive and finite, got 0.0"),
+        ([224.0, np.nan], ValueError, "`context_size_um` must be positive and finite"),
+        ("224", TypeError, "`context_size_um` must be a number or a sequence of numbers"),
+        ([True], TypeError, "`context_size_um` must be a number or a sequence of numbers"),
+    ],
+)
+def test_embed_rejects_bad_context_sizes_and_writes_nothing(sdata, bad, err, match):
+    table = sdata.tables["table"]
+    before = (set(table.obsm), set(table.uns))
+    with pytest.raises(err, match=match):
+        embed_patches(sdata, _TopRow(), patch_size_um=16.0, patch_px=32, context_size_um=bad, show_progress_bar=False)
+    assert (set(table.obsm), set(table.uns)) == before
+
+
 def test_embed_on_two_cpu_processes_matches_single_process(sdata):
     """Lightning DDP (2 CPU processes, gloo, ddp_spawn): same features as the single-process run."""
-    kw = {"patch_size_um": 16.0, "patch_px": 32, "show_progress_bar": False, "dihedral": True}
+    kw = {"patch_size_um": 16.0, "patch_px": 32, "show_progress_bar": False, "dihedral": True, "context_size_um": 24}
     embed_patches(sdata, _TopRow(), key_added="one", **kw)
     embed_patches(sdata, _TopRow(), key_added="two", accelerator="cpu", devices=2, strategy="ddp_spawn", **kw)
     table = sdata.tables["table"]
     np.testing.assert_allclose(table.obsm["two"], table.obsm["one"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(table.obsm["two"], _edge_means(sdata).mean(axis=1), rtol=1e-4, atol=1e-4)
+    expected = np.hstack([_edge_means(sdata, size).mean(axis=1) for size in (16.0, 24.0)])
+    np.testing.assert_allclose(table.obsm["two"], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_slides_are_dealt_by_size():

@@ -74,6 +74,24 @@ class Registry:
         return cls(**d)
 
 
+def encoder_record(record: Any) -> dict[str, Any]:
+    """The JSON-able part of an ``uns[embedding_key]`` record: its scalars, and its numeric lists (such as
+    ``context_size_um``, which anndata reads back as arrays) as lists of floats; anything else is left out."""
+    if not isinstance(record, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, str | int | float):
+            out[k] = v
+        elif isinstance(v, list | tuple | np.ndarray) and np.ndim(v) == 1:
+            arr = np.asarray(v)
+            if arr.dtype.kind in "iuf" or len(arr) == 0:
+                out[k] = [float(x) for x in arr]
+    return out
+
+
 def panel_genes(table: AnnData, genes: Sequence[str] | None, panel_key: str = Key.panel) -> list[str]:
     """``genes``, else the genes flagged in ``var[panel_key]`` (from :func:`histoflow.pp.select_genes`), else all."""
     if genes is not None:

@@ -31,6 +31,7 @@ from histoflow._logging import logger
 from histoflow.models._data import (
     Registry,
     check_compatible,
+    encoder_record,
     features,
     metadata_codes,
     panel_genes,
@@ -499,9 +500,7 @@ class FLAG:
             layer=layer,
             categories=cats,
             library_key=library_key,
-            encoder={k: v for k, v in dict(enc).items() if isinstance(v, (str, int, float))}
-            if isinstance(enc, dict)
-            else {},
+            encoder=encoder_record(enc),
         )
         target = known = None
         if gene_embeddings is not None:

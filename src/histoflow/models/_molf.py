@@ -20,6 +20,7 @@ from histoflow._validate import check_choice, check_positive, check_temperature
 from histoflow.models._data import (
     Registry,
     check_compatible,
+    encoder_record,
     features,
     metadata_codes,
     panel_genes,
@@ -337,9 +338,7 @@ class MoLF:
             layer=layer,
             categories=cats,
             library_key=library_key,
-            encoder={k: v for k, v in dict(enc).items() if isinstance(v, (str, int, float))}
-            if isinstance(enc, dict)
-            else {},
+            encoder=encoder_record(enc),
         )
         self.adata = adata
         with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; the global RNG is left alone

@@ -119,6 +119,20 @@ def _validate_patch_args(patch_size_um: float, patch_px: int, batch_size: int | 
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
 
 
+def _context_sizes(context_size_um: Any) -> tuple[float, ...]:
+    """``embed_patches``' context sizes as a tuple of positive floats (empty for None)."""
+    if context_size_um is None:
+        return ()
+    sizes = (context_size_um,) if np.ndim(context_size_um) == 0 else tuple(context_size_um)
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int | float | np.integer | np.floating):
+            raise TypeError(
+                f"`context_size_um` must be a number or a sequence of numbers (micrometres), got {context_size_um!r}."
+            )
+        check_positive(size, "context_size_um")
+    return tuple(float(size) for size in sizes)
+
+
 @doc_params()
 def crop_patches(
     sdata: SpatialData | AnnData,
@@ -262,6 +276,7 @@ def embed_patches(
     num_nodes: int = 1,
     max_read_pixels: int = _DEFAULT_MAX_READ_PIXELS,
     dihedral: bool = False,
+    context_size_um: float | Sequence[float] | None = None,
     show_progress_bar: bool = True,
     key_added: str | None = None,
     copy: bool = False,
@@ -306,6 +321,13 @@ def embed_patches(
         no preferred orientation, so the averaged features do not depend on how the slide was placed on the
         scanner; this costs 8 encoder passes per patch. On HER2ST it raised the held-out PCC of every method run
         (ridge, MLP, MoLF and its dense ablation; see the benchmarks page of the documentation).
+    context_size_um
+        Multi-scale features: also cut a larger patch of this side (micrometres; one size or several) centred on
+        each spot, resize it to ``patch_px`` and encode it the same way; its features are concatenated after the
+        spot patch's, in the order given (so the feature dimension grows by the encoder's width per size). On legacy
+        ST (100 µm spots on a 200 µm grid) the 112 µm spot patch never sees the tissue between spots; a 224 µm
+        context patch raised the held-out PCC of ridge, the MLP and MoLF on HER2ST (see the benchmarks page).
+        Each size costs one more encoder pass per patch (times 8 with ``dihedral``).
     show_progress_bar
         Show a tqdm progress bar.
     key_added
@@ -315,13 +337,14 @@ def embed_patches(
     Returns
     -------
     Sets ``adata.obsm['X_<encoder>' | key_added]`` (float32, spots × features) and ``adata.uns[key]`` (encoder
-    name, patch size, pixel size, timing) on the table; returns the copy if ``copy=True``, else None.
+    name, patch and context sizes, pixel size, timing) on the table; returns the copy if ``copy=True``, else None.
     """
     from histoflow.pp._encoders import get_encoder
 
     _validate_patch_args(patch_size_um, patch_px, batch_size)
     if not isinstance(dihedral, (bool, np.bool_)):
         raise TypeError(f"`dihedral` must be True or False, got {dihedral!r}.")
+    contexts = _context_sizes(context_size_um)
     target = copy_data(sdata, table_key) if copy else sdata
     table = get_table(target, table_key)
     slides = resolve_slides(
@@ -336,46 +359,50 @@ def embed_patches(
     enc = get_encoder(encoder, checkpoint=checkpoint)
     key = key_added or Key.embedding(enc.name)
 
-    feats: np.ndarray | None = None
     t_encode = 0.0
     t0 = time.perf_counter()
-    if devices is not None:
-        from histoflow.models._train import default_strategy
-        from histoflow.pp._distributed import embed_distributed
+    blocks = []
+    for size in (float(patch_size_um), *contexts):  # the spot patch, then each context patch
+        if devices is not None:
+            from histoflow.models._train import default_strategy
+            from histoflow.pp._distributed import embed_distributed
 
-        feats = embed_distributed(
-            slides,
-            enc,
-            n_obs=table.n_obs,
-            patch_size_um=patch_size_um,
-            patch_px=patch_px,
-            batch_size=batch_size,
-            max_read_pixels=max_read_pixels,
-            accelerator=accelerator,
-            devices=devices,
-            strategy=strategy or default_strategy(accelerator, devices, num_nodes),
-            num_nodes=num_nodes,
-            dihedral=dihedral,
-            show_progress_bar=show_progress_bar,
-        )
-        t_encode = float("nan")
-    else:
-        feats, t_encode = _embed_here(
-            slides,
-            enc,
-            table.n_obs,
-            n_rows,
-            device,
-            patch_size_um,
-            patch_px,
-            batch_size,
-            max_read_pixels,
-            show_progress_bar,
-            dihedral=dihedral,
-        )
+            block = embed_distributed(
+                slides,
+                enc,
+                n_obs=table.n_obs,
+                patch_size_um=size,
+                patch_px=patch_px,
+                batch_size=batch_size,
+                max_read_pixels=max_read_pixels,
+                accelerator=accelerator,
+                devices=devices,
+                strategy=strategy or default_strategy(accelerator, devices, num_nodes),
+                num_nodes=num_nodes,
+                dihedral=dihedral,
+                show_progress_bar=show_progress_bar,
+            )
+            t_encode = float("nan")
+        else:
+            block, seconds = _embed_here(
+                slides,
+                enc,
+                table.n_obs,
+                n_rows,
+                device,
+                size,
+                patch_px,
+                batch_size,
+                max_read_pixels,
+                show_progress_bar,
+                dihedral=dihedral,
+            )
+            t_encode += seconds
+        if block is None:  # pragma: no cover - resolve_slides rejects empty tables
+            raise ValueError("No spots to embed.")
+        blocks.append(block)
+    feats = blocks[0] if len(blocks) == 1 else np.hstack(blocks)
     total = time.perf_counter() - t0
-    if feats is None:  # pragma: no cover - resolve_slides rejects empty tables
-        raise ValueError("No spots to embed.")
     if not np.isfinite(feats).all():
         raise FloatingPointError(f"Encoder {enc.name!r} produced NaN or infinite features; check its weights.")
 
@@ -390,6 +417,7 @@ def embed_patches(
         "std": list(map(float, enc.std)),
         "n_features": int(feats.shape[1]),
         "dihedral": bool(dihedral),
+        "context_size_um": [float(c) for c in contexts],
         "seconds_total": float(total),
         "seconds_encoder": float(t_encode),
     }

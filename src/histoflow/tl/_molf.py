@@ -297,6 +297,7 @@ def predict(
             patch_size_um=float(reg.encoder["patch_size_um"]),
             patch_px=int(reg.encoder["patch_px"]),
             dihedral=bool(reg.encoder.get("dihedral", False)),
+            context_size_um=list(reg.encoder.get("context_size_um", [])) or None,
             key_added=reg.embedding_key,
         )
         scaled = reg.encoder.get("scaled_groupby")
