@@ -327,7 +327,8 @@ def embed_patches(
         spot patch's, in the order given (so the feature dimension grows by the encoder's width per size). On legacy
         ST (100 µm spots on a 200 µm grid) the 112 µm spot patch never sees the tissue between spots; a 224 µm
         context patch raised the held-out PCC of ridge, the MLP and MoLF on HER2ST (see the benchmarks page).
-        Each size costs one more encoder pass per patch (times 8 with ``dihedral``).
+        Each size costs one more read of each image and one more encoder pass per patch (times 8 with
+        ``dihedral``).
     show_progress_bar
         Show a tqdm progress bar.
     key_added
