@@ -75,8 +75,11 @@ class Registry:
 
 
 def encoder_record(record: Any) -> dict[str, Any]:
-    """The JSON-able part of an ``uns[embedding_key]`` record: its scalars, and its numeric lists (such as
-    ``context_size_um``, which anndata reads back as arrays) as lists of floats; anything else is left out."""
+    """The JSON-able part of an ``uns[embedding_key]`` record.
+
+    Its scalars (numpy scalars as plain numbers) and its numeric lists (such as ``context_size_um``, which anndata reads
+    back as arrays) as lists of floats; anything else is left out.
+    """
     if not isinstance(record, dict):
         return {}
     out: dict[str, Any] = {}

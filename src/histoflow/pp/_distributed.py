@@ -36,17 +36,19 @@ def _deal(slides: Sequence[Slide], world: int, rank: int) -> list[Slide]:
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """Batches of (table rows, uint8 patches) of this process's slides."""
+    """Batches of (table rows, uint8 patches, index of the patch size) of this process's slides, for every size."""
 
-    def __init__(self, slides: Sequence[Slide], kwargs: dict[str, Any]):
-        self.slides, self.kwargs = list(slides), kwargs
+    def __init__(self, slides: Sequence[Slide], sizes: Sequence[float], kwargs: dict[str, Any]):
+        self.slides, self.sizes, self.kwargs = list(slides), list(sizes), kwargs
 
     def __iter__(self):
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         world = torch.distributed.get_world_size() if dist else 1
         rank = torch.distributed.get_rank() if dist else 0
-        for rows, patches in iter_patches(_deal(self.slides, world, rank), **self.kwargs):
-            yield torch.from_numpy(np.asarray(rows, dtype=np.int64)), torch.from_numpy(patches)
+        mine = _deal(self.slides, world, rank)
+        for block, size in enumerate(self.sizes):
+            for rows, patches in iter_patches(mine, patch_size_um=size, **self.kwargs):
+                yield torch.from_numpy(np.asarray(rows, dtype=np.int64)), torch.from_numpy(patches), block
 
 
 class _Module(L.LightningModule):
@@ -55,10 +57,10 @@ class _Module(L.LightningModule):
         self.enc, self.patch_px, self.dihedral = enc, patch_px, dihedral
         self.model = enc.model  # registered, so Lightning moves it to the device
 
-    def predict_step(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, patches = batch
+    def predict_step(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, patches, block = batch
         x = _Preprocess(self.enc, self.device, self.patch_px)(patches)
-        return rows.cpu(), encode(self.enc, x, self.dihedral).float().cpu()
+        return rows.cpu(), torch.full_like(rows.cpu(), int(block)), encode(self.enc, x, self.dihedral).float().cpu()
 
 
 class _Writer(BasePredictionWriter):
@@ -68,10 +70,11 @@ class _Writer(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: Any, pl_module: Any, predictions: Any, batch_indices: Any) -> None:
         batches = [b for b in predictions if len(b[0])]
-        rows = torch.cat([r for r, _ in batches]).numpy() if batches else np.zeros(0, dtype=np.int64)
-        feats = torch.cat([f for _, f in batches]).numpy() if batches else np.zeros((0, 0), dtype=np.float32)
+        rows = torch.cat([r for r, _, _ in batches]).numpy() if batches else np.zeros(0, dtype=np.int64)
+        blocks = torch.cat([k for _, k, _ in batches]).numpy() if batches else np.zeros(0, dtype=np.int64)
+        feats = torch.cat([f for _, _, f in batches]).numpy() if batches else np.zeros((0, 0), dtype=np.float32)
         tmp = self.folder / f"rank{trainer.global_rank}.tmp.npz"
-        np.savez(tmp, rows=rows, feats=feats)
+        np.savez(tmp, rows=rows, blocks=blocks, feats=feats)
         tmp.replace(self.folder / f"rank{trainer.global_rank}.npz")
 
 
@@ -80,7 +83,7 @@ def embed_distributed(
     enc: Any,
     *,
     n_obs: int,
-    patch_size_um: float,
+    patch_sizes_um: Sequence[float],
     patch_px: int,
     batch_size: int,
     max_read_pixels: int,
@@ -91,9 +94,13 @@ def embed_distributed(
     dihedral: bool = False,
     show_progress_bar: bool = True,
 ) -> np.ndarray:
-    """Features ``(n_obs, d)`` for the spots of ``slides``, computed by ``Trainer.predict`` on many devices."""
+    """Features ``(n_obs, d × len(patch_sizes_um))`` of the spots of ``slides``, by one ``Trainer.predict``.
+
+    The encoder's features of the patch of each size, concatenated in the order given; the processes are launched once
+    for all sizes.
+    """
+    sizes = list(patch_sizes_um)
     kwargs = {
-        "patch_size_um": patch_size_um,
         "patch_px": patch_px,
         "batch_size": batch_size,
         "max_read_pixels": max_read_pixels,
@@ -112,18 +119,22 @@ def embed_distributed(
             enable_model_summary=False,
             inference_mode=True,
         )
-        loader = torch.utils.data.DataLoader(_Stream(slides, kwargs), batch_size=None)
+        loader = torch.utils.data.DataLoader(_Stream(slides, sizes, kwargs), batch_size=None)
         trainer.predict(_Module(enc, patch_px, dihedral), dataloaders=loader, return_predictions=False)
         feats: np.ndarray | None = None
-        seen = np.zeros(n_obs, dtype=bool)
+        seen = np.zeros((n_obs, len(sizes)), dtype=bool)
         for f in sorted(folder.glob("rank*.npz")):
             with np.load(f) as z:
-                if z["rows"].size == 0:
-                    continue
-                if feats is None:
-                    feats = np.zeros((n_obs, z["feats"].shape[1]), dtype=np.float32)
-                feats[z["rows"]] = z["feats"]
-                seen[z["rows"]] = True
+                rows, blocks, part = z["rows"], z["blocks"], z["feats"]
+            if rows.size == 0:
+                continue
+            d = part.shape[1]
+            if feats is None:
+                feats = np.zeros((n_obs, d * len(sizes)), dtype=np.float32)
+            for block in range(len(sizes)):
+                sel = blocks == block
+                feats[rows[sel], block * d : (block + 1) * d] = part[sel]
+                seen[rows[sel], block] = True
     expected = np.concatenate([s.rows for s in slides])
     if feats is None or not seen[expected].all():
         raise RuntimeError("Distributed embedding lost spots: some processes returned no features.")

@@ -363,29 +363,30 @@ def embed_patches(
 
     t_encode = 0.0
     t0 = time.perf_counter()
-    blocks = []
-    for size in (float(patch_size_um), *contexts):  # the spot patch, then each context patch
-        if devices is not None:
-            from histoflow.models._train import default_strategy
-            from histoflow.pp._distributed import embed_distributed
+    sizes = (float(patch_size_um), *contexts)  # the spot patch, then each context patch
+    if devices is not None:  # one launch of the processes for every size
+        from histoflow.models._train import default_strategy
+        from histoflow.pp._distributed import embed_distributed
 
-            block = embed_distributed(
-                slides,
-                enc,
-                n_obs=table.n_obs,
-                patch_size_um=size,
-                patch_px=patch_px,
-                batch_size=batch_size,
-                max_read_pixels=max_read_pixels,
-                accelerator=accelerator,
-                devices=devices,
-                strategy=strategy or default_strategy(accelerator, devices, num_nodes),
-                num_nodes=num_nodes,
-                dihedral=dihedral,
-                show_progress_bar=show_progress_bar,
-            )
-            t_encode = float("nan")
-        else:
+        feats = embed_distributed(
+            slides,
+            enc,
+            n_obs=table.n_obs,
+            patch_sizes_um=sizes,
+            patch_px=patch_px,
+            batch_size=batch_size,
+            max_read_pixels=max_read_pixels,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy or default_strategy(accelerator, devices, num_nodes),
+            num_nodes=num_nodes,
+            dihedral=dihedral,
+            show_progress_bar=show_progress_bar,
+        )
+        t_encode = float("nan")
+    else:
+        blocks = []
+        for size in sizes:
             block, seconds = _embed_here(
                 slides,
                 enc,
@@ -399,11 +400,11 @@ def embed_patches(
                 show_progress_bar,
                 dihedral=dihedral,
             )
+            if block is None:  # pragma: no cover - resolve_slides rejects empty tables
+                raise ValueError("No spots to embed.")
             t_encode += seconds
-        if block is None:  # pragma: no cover - resolve_slides rejects empty tables
-            raise ValueError("No spots to embed.")
-        blocks.append(block)
-    feats = blocks[0] if len(blocks) == 1 else np.hstack(blocks)
+            blocks.append(block)
+        feats = blocks[0] if len(blocks) == 1 else np.hstack(blocks)
     total = time.perf_counter() - t0
     if not np.isfinite(feats).all():
         raise FloatingPointError(f"Encoder {enc.name!r} produced NaN or infinite features; check its weights.")
