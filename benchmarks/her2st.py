@@ -4,7 +4,7 @@
                                 [--methods molf dense mlp ridge] [--panels hvg50 hallmark] [--epochs 200]
                                 [--dihedral] [--context-um 224] [--scale-features none|slide]
                                 [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
-                                [--quick] [--threads 2] [--csv results.csv]
+                                [--quick] [--threads 2] [--accelerator cpu|gpu] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
 
 HER2ST mode (DESIGN.md "Targets on real data"): the sections with an H&E image (C2–C6, patient C) are read with
@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 import histoflow as hf
+from histoflow._utils import accelerator_device
 from histoflow.cli import _parse_settings
 
 HERE = Path(__file__).resolve().parent
@@ -93,17 +94,21 @@ def load_her2st(args: argparse.Namespace):
     """HER2ST sections with images (+ count-only sections for ``--vae-extra``), normalised, with patch features."""
     path = Path(args.path)
     t = time.perf_counter()
-    sdata = hf.io.read_her2st(path, sections=args.sections)
-    table = sdata.tables["table"]
-    hf.pp.normalize(sdata)
     key = f"X_{args.encoder}"
     d4 = "_d4" if args.dihedral else ""
     ctx = "".join(f"_ctx{c:g}" for c in args.context_um or [])
     cache = Path(args.cache) / f"her2st_{args.encoder}_{args.patch_px}px{d4}_{'_'.join(args.sections)}{ctx}.npz"
+    # the images are needed only to embed: with cached features the counts and spot files are enough
+    sdata = hf.io.read_her2st(path, sections=args.sections, load_images=not cache.is_file())
+    table = sdata.tables["table"]
     if cache.is_file():
         blob = np.load(cache, allow_pickle=False)
         if list(blob["obs_names"]) == list(table.obs_names):
             table.obsm[key] = blob["features"]
+        else:  # a stale cache: read the images and embed again
+            sdata = hf.io.read_her2st(path, sections=args.sections)
+            table = sdata.tables["table"]
+    hf.pp.normalize(sdata)
     embed_s = np.nan
     if key not in table.obsm:
         t0 = time.perf_counter()
@@ -171,7 +176,7 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
             kind=method,
             embedding_key=f"X_{args.encoder}",
             key_added=key,
-            accelerator="cpu",
+            accelerator=args.accelerator,
             devices=1,
             seed=args.seed,
         )
@@ -182,13 +187,16 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
     model = hf.models.MoLF(table, embedding_key=f"X_{args.encoder}", **cfg, seed=args.seed)
     if extra is not None and cfg.get("latent", "vae") == "vae":
         train_kwargs["vae_extra"] = extra
-    model.train(args.epochs, batch_size=args.batch_size, accelerator="cpu", devices=1, **train_kwargs)
+    model.train(args.epochs, batch_size=args.batch_size, accelerator=args.accelerator, devices=1, **train_kwargs)
+    device = accelerator_device(args.accelerator)
     if args.select_guidance:  # MoLF's appendix C: filter-and-rank on the validation section
-        hf.tl.select_guidance(model, sdata, n_samples=args.n_samples, temperature=args.temperature, key_added=key)
+        hf.tl.select_guidance(
+            model, sdata, n_samples=args.n_samples, temperature=args.temperature, device=device, key_added=key
+        )
         print(f"    {method}: guidance {model.config.guidance:g} chosen by filter-and-rank", flush=True)
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
-    hf.tl.predict(model, sdata, n_samples=args.n_samples, temperature=args.temperature, key_added=key)
+    hf.tl.predict(model, sdata, n_samples=args.n_samples, temperature=args.temperature, device=device, key_added=key)
     return fit_s, time.perf_counter() - t
 
 
@@ -425,6 +433,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--quick", action="store_true", help="2 folds, HVG-50 only, 40 epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator of the fits (cpu, gpu); predictions too")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "histoflow" / "bench"))
     p.add_argument("--csv", help="write the per-fold results here")
     p.add_argument("--hest-bench", help="HEST-Bench root folder (HEST-Bench mode)")

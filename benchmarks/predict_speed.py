@@ -1,6 +1,8 @@
 """Prediction speed of MoLF: spots per second and peak memory.
 
     python benchmarks/predict_speed.py [--sizes 10000 100000] [--repeats 3] [--threads 2] [--models molf molf_16 mlp]
+    python benchmarks/predict_speed.py --device cuda --sizes 10000 100000 1000000   # on a GPU
+
 
 Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with guidance (w = 2: conditional and null branch in one batched forward pass),
@@ -12,6 +14,8 @@ Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - the MLP baseline (one forward pass),
 all on the same synthetic table (1280-d features as from EfficientNet-Lite0, a Visium-like grid, 50 genes).
 Weights are random: speed does not depend on training. Ratios are against the MLP baseline, measured in the same run.
+With ``--device cuda`` every model predicts on the GPU (one untimed warm-up call first) and the table adds the peak
+GPU memory; the prior noise is still drawn on the CPU and the results come back to the CPU, as in ``tl.predict``.
 """
 
 from __future__ import annotations
@@ -54,21 +58,25 @@ def _table(n: int, seed: int = 0):
     return a
 
 
-def _run(kind: str, n: int, repeats: int, threads: int, q: mp.Queue) -> None:
+def _run(kind: str, n: int, repeats: int, threads: int, device: str, q: mp.Queue) -> None:
     import torch
 
     torch.set_num_threads(threads)
     a = _table(n)
     times = []
+    gpu = device.startswith("cuda")
+    warmup = 1 if gpu else 0
     if kind == "mlp":
         from histoflow.models import MLPBaseline
 
         m = MLPBaseline(a, embedding_key="X_efficientnet_lite0", layer="log1p")
         m.train(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, early_stopping=False)
-        for _ in range(repeats):
+        m.module.to(device)  # predicts where its weights are
+        for i in range(warmup + repeats):
             t = time.perf_counter()
             m.predict(a)
-            times.append(time.perf_counter() - t)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
     else:
         from histoflow.models import MoLF
 
@@ -77,11 +85,15 @@ def _run(kind: str, n: int, repeats: int, threads: int, q: mp.Queue) -> None:
         m.is_trained = True
         steps = 10 if kind == "molf_10" else 1
         draws = 16 if kind == "molf_16" else 1
-        for _ in range(repeats):
+        for i in range(warmup + repeats):
+            if gpu and i == warmup:
+                torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            m.predict(a, steps=steps, guidance=2.0, n_samples=draws)
-            times.append(time.perf_counter() - t)
-    q.put((statistics.median(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+            m.predict(a, steps=steps, guidance=2.0, n_samples=draws, device=device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if gpu else float("nan")
+    q.put((statistics.median(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu_mb))
 
 
 def main() -> None:
@@ -89,6 +101,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="torch device of the predictions (cpu, cuda, cuda:1, ...)")
     p.add_argument("--models", nargs="+", help="run only these rows (the MLP baseline always runs: ratios need it)")
     args = p.parse_args()
     ctx = mp.get_context("spawn")
@@ -105,22 +118,28 @@ def main() -> None:
         if unknown:
             p.error(f"unknown --models {unknown}; choose from {[k for k, _ in rows]}")
         rows = [(k, label) for k, label in rows if k in args.models or k == "mlp"]
+    gpu = args.device.startswith("cuda")
+    if gpu:
+        import torch
+
+        print(f"device={args.device} ({torch.cuda.get_device_name(args.device)}), torch {torch.__version__}")
     print(f"threads={args.threads} repeats={args.repeats} (median), features 1280-d, 50 genes")
     print()
-    print("| spots | model | seconds | spots/s | vs MLP | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|")
+    print("| spots | model | seconds | spots/s | vs MLP | peak RSS (MB) |" + (" peak GPU (MB) |" if gpu else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for n in args.sizes:
         res = {}
         for kind, _ in rows:
             q = ctx.Queue()
-            proc = ctx.Process(target=_run, args=(kind, n, args.repeats, args.threads, q))
+            proc = ctx.Process(target=_run, args=(kind, n, args.repeats, args.threads, args.device, q))
             proc.start()
             res[kind] = q.get()
             proc.join()
         base = n / res["mlp"][0]
         for kind, label in rows:
-            sec, rss = res[kind]
-            print(f"| {n} | {label} | {sec:.2f} | {n / sec:,.0f} | {n / sec / base:.2f}× | {rss:,.0f} |")
+            sec, rss, gpu_mb = res[kind]
+            row = f"| {n} | {label} | {sec:.3f} | {n / sec:,.0f} | {n / sec / base:.2f}× | {rss:,.0f} |"
+            print(row + (f" {gpu_mb:,.0f} |" if gpu else ""))
 
 
 if __name__ == "__main__":

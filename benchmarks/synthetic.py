@@ -2,6 +2,7 @@
 
     python benchmarks/synthetic.py [--slides 9] [--grid 12] [--epochs 100] [--patch-px 224] [--seeds 0 1 2]
         [--scvi-latent-dim 32] [--methods molf molf_scvi ridge ...] [--threads 1] [--set KEY=VALUE ...]
+        [--accelerator gpu]
 
 Slides are split by ``pp.split_slides`` (stratified by cancer type; train / val / test), genes are the top HMHVG
 chosen on the training slides, features come from ``pp.embed_patches`` with EfficientNet-Lite0. Every method is
@@ -23,6 +24,7 @@ import warnings
 import numpy as np
 
 import histoflow as hf
+from histoflow._utils import accelerator_device
 from histoflow.cli import _parse_settings
 
 
@@ -35,7 +37,8 @@ def run_seed(args: argparse.Namespace, seed: int, runs: list) -> dict[str, dict[
     train = (table.obs["split"] == "train").to_numpy()
     hf.pp.select_genes(sd, flavor="hmhvg", n_top=args.genes, mask_obs=train)
     t = time.perf_counter()
-    hf.pp.embed_patches(sd, patch_px=args.patch_px, show_progress_bar=False)
+    device = accelerator_device(args.accelerator)
+    hf.pp.embed_patches(sd, patch_px=args.patch_px, device=device, show_progress_bar=False)
     print(
         f"seed {seed}: {table.n_obs} spots, {args.slides} slides, {int(table.var['histoflow_panel'].sum())} genes; "
         f"embedding {time.perf_counter() - t:.0f} s; split {dict(table.obs['split'].value_counts())}",
@@ -46,16 +49,21 @@ def run_seed(args: argparse.Namespace, seed: int, runs: list) -> dict[str, dict[
         t = time.perf_counter()
         pred_s = float("nan")
         if cfg is None:  # fit_baseline predicts every spot too (a single forward pass, included in the fit time)
-            hf.tl.fit_baseline(sd, kind=key, key_added=key, accelerator="cpu", devices=1, seed=seed)
+            hf.tl.fit_baseline(sd, kind=key, key_added=key, accelerator=args.accelerator, devices=1, seed=seed)
             fit_s = time.perf_counter() - t
         else:
             model = hf.models.MoLF(table, seed=seed, **{**cfg, **args.molf_config})
             model.train(
-                args.epochs, batch_size=128, accelerator="cpu", devices=1, show_progress_bar=False, **args.molf_train
+                args.epochs,
+                batch_size=128,
+                accelerator=args.accelerator,
+                devices=1,
+                show_progress_bar=False,
+                **args.molf_train,
             )
             fit_s = time.perf_counter() - t
             t = time.perf_counter()
-            hf.tl.predict(model, sd, key_added=key)
+            hf.tl.predict(model, sd, key_added=key, device=device)
             pred_s = time.perf_counter() - t
         res = hf.tl.evaluate(sd, pred_key=key, split="test", metrics=("pcc", "gsc", "ssc"), inplace=False)
         sel = res[(res["group"] == "all") & (res["gene_set"] == "all") & (res["aggregation"] == "per_slide")]
@@ -78,6 +86,7 @@ def main() -> None:
     p.add_argument("--scvi-latent-dim", type=int, default=32)
     p.add_argument("--methods", nargs="+", default=None, help="keys of the rows to run (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator of the fits (cpu, gpu)")
     p.add_argument(
         "--set",
         action="append",

@@ -162,6 +162,7 @@ def test_defaults_are_those_of_the_python_api():
     assert d["fit_molf"]["max_epochs"] == 300 and d["fit_baseline"]["max_epochs"] == 100
     assert d["predict"]["steps"] == 1 and d["predict"]["n_samples"] == 1 and d["predict"]["key_added"] is None
     assert pred.temperature is None and d["predict"]["temperature"] == 1.0
+    assert pred.device is None and d["predict"]["device"] == "auto"
 
 
 # ---------------------------------------------------------------------------------------------------------- runs
@@ -334,6 +335,7 @@ def test_write_atomic_keeps_the_old_output_on_failure(tmp_path):
         (["predict", "{h5ad}", "--model-dir", "{root}"], "predict", r"--model-dir: .* holds no saved histoflow model"),
         (["predict", "{h5ad}", "--model-dir", "{root}/nothing"], "predict", r"--model-dir: .* is not a folder"),
         (["predict", "{h5ad}", "--model-dir", "{model}", "--steps", "2"], "predict", r"--steps: applies to MoLF"),
+        (["predict", "{h5ad}", "--model-dir", "{model}", "--device", "cpu"], "predict", r"--device: applies to MoLF"),
         (["evaluate", "{h5ad}"], "evaluate", r"the following arguments are required: --pred-key"),
         (["evaluate", "{fitted}", "--pred-key", "ridge", "--csv", "{fitted}"], "evaluate", r"--csv: .* exists; pass"),
         (["demo", "--baselines", "svm"], "demo", r"argument --baselines: unknown baseline\(s\) \['svm'\]"),

@@ -43,6 +43,10 @@ y_true
         Predicted expression, same shape.
     groups
         Slide label of each spot; ``None``: one slide.""",
+    "doc_device": """\
+device
+        Torch device for inference: ``"auto"`` (default: CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``,
+        ... The prior noise is drawn on the CPU, so devices differ only by floating-point rounding.""",
     "doc_patch_params": """\
 image_key
         Image element to use (or a mapping library → image element); by default the finest image sharing a

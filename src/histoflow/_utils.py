@@ -14,7 +14,16 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["get_table", "is_spatialdata", "copy_data", "log_write", "as_rng", "table_keys"]
+__all__ = [
+    "get_table",
+    "is_spatialdata",
+    "copy_data",
+    "log_write",
+    "as_rng",
+    "table_keys",
+    "torch_device",
+    "accelerator_device",
+]
 
 
 def is_spatialdata(obj: Any) -> bool:
@@ -98,3 +107,45 @@ def table_keys(table: AnnData) -> tuple[list[str], str | None, str | None]:
     else:
         regions = [str(r) for r in region]
     return regions, attrs.get("region_key"), attrs.get("instance_key")
+
+
+def torch_device(device: Any, arg: str = "device") -> Any:
+    """A :class:`torch.device` from ``"auto"`` (CUDA, then MPS, then CPU), Lightning's ``"gpu"`` or a torch string.
+
+    Refuses, naming ``arg``, a string torch does not know and a CUDA or MPS device this machine does not have.
+    """
+    import torch
+
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if isinstance(device, torch.device):
+        dev = device
+    elif str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    else:
+        text = "cuda" + str(device)[3:] if str(device).startswith("gpu") else str(device)
+        try:
+            dev = torch.device(text)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"`{arg}` must be 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps' or another torch device, got {device!r}."
+            ) from err
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index is not None and dev.index >= torch.cuda.device_count())
+    ):
+        raise ValueError(
+            f"`{arg}={device!r}` asks for a CUDA GPU, but this machine has "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'none'}; use {arg}='auto' or 'cpu'."
+        )
+    if dev.type == "mps" and not mps:
+        raise ValueError(f"`{arg}={device!r}` asks for Apple's MPS, which this machine lacks; use {arg}='auto', 'cpu'.")
+    return dev
+
+
+def accelerator_device(accelerator: Any) -> str:
+    """The inference device that goes with a Lightning ``accelerator`` (the one training ran on, for one process)."""
+    acc = str(accelerator).lower()
+    if acc in ("gpu", "cuda"):
+        return "cuda"
+    if acc in ("auto", "mps", "cpu"):
+        return acc
+    return "cpu"

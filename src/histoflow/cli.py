@@ -548,6 +548,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "--guidance": args.guidance,
             "--n-samples": args.n_samples,
             "--temperature": args.temperature,
+            "--device": args.device,
         }
         given = [option for option, value in molf_only.items() if value is not None]
         if given:
@@ -567,6 +568,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             temperature=d["temperature"] if args.temperature is None else args.temperature,
             seed=args.seed,
             allow_unknown=args.allow_unknown,
+            device=d["device"] if args.device is None else args.device,
             key_added=args.key_added or d["key_added"],
         )
     else:
@@ -1083,6 +1085,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=prd["seed"], help="seed of the prior noise")
     p.add_argument("--allow-unknown", action="store_true", help="predict unseen cancer types with the null token")
+    p.add_argument(
+        "--device", default=None, help=f"torch device, MoLF: auto, cpu, cuda, cuda:1, ... (default {prd['device']})"
+    )
     p.add_argument(
         "--key-added", default=None, help="key of the predictions (default: the model's name, molf, mlp or ridge)"
     )

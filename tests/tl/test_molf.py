@@ -314,3 +314,34 @@ def test_predict_without_a_table_says_how_to_attach_one(fitted, tmp_path):
     loaded = MoLF.load(tmp_path / "m")
     with pytest.raises(ValueError, match=r"No table: pass `adata`, or load the model with `MoLF.load\(path, adata="):
         loaded.predict()
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda", "gpu"]))
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(fitted, device):
+    a, model = fitted
+    b = a.copy()
+    obsm, uns = set(b.obsm), set(b.uns)
+    with pytest.raises(ValueError, match=r"`device"):
+        hf.tl.predict(model, b, device=device, key_added="elsewhere")
+    assert (set(b.obsm), set(b.uns)) == (obsm, uns)
+    with pytest.raises(ValueError, match=r"`device"):
+        hf.tl.select_guidance(model, b, scales=(1.0,), device=device)
+    with pytest.raises(ValueError, match=r"`device"):
+        model.predict(b, device=device)
+    assert {p.device.type for p in model.flow.parameters()} == {"cpu"}
+
+
+def test_device_names():
+    from histoflow._utils import accelerator_device, torch_device
+
+    assert torch_device("cpu") == torch.device("cpu")
+    assert torch_device(torch.device("cpu")) == torch.device("cpu")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    assert torch_device("auto").type == ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if torch.cuda.is_available():
+        assert torch_device("gpu") == torch.device("cuda")
+    assert [accelerator_device(a) for a in ("gpu", "cuda", "cpu", "auto", "mps", "tpu")] == [
+        "cuda", "cuda", "cpu", "auto", "mps", "cpu"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"`embed_device` must be 'auto', 'cpu', 'cuda'"):
+        torch_device("nonsense", "embed_device")

@@ -28,6 +28,7 @@ from torch import nn
 
 from histoflow._constants import Key
 from histoflow._logging import logger
+from histoflow._utils import torch_device
 from histoflow.models._data import (
     Registry,
     check_compatible,
@@ -680,7 +681,7 @@ class FLAG:
         batch_size: int = 1024,
         allow_unknown: bool = False,
         record_trajectories: bool = False,
-        device: str = "cpu",
+        device: str = "auto",
     ) -> dict[str, np.ndarray]:
         """Sample expression for spots of ``adata`` (default: the training table); same keys as ``MoLF.predict``.
 
@@ -709,7 +710,8 @@ class FLAG:
         record_trajectories
             Keep the expression path of every spot (``steps + 1`` points, first sample).
         device
-            Torch device for inference.
+            Torch device for inference: ``"auto"`` (default: CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:1"``, ... The prior noise is drawn on the CPU, so every device starts from the same noise.
 
         Returns
         -------
@@ -721,20 +723,22 @@ class FLAG:
         adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples, temperature)
         w = self.config.guidance if guidance is None else float(guidance)
         arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
-        dev = torch.device(device)
-        flow = self.flow.to(dev).eval()
+        dev = torch_device(device)
         n, g = len(rows), len(self.registry.genes)
-        cond, attns = _spot_conditions(flow.condition, arrays, nbr, off, batch_size, dev)
-
-        def sample(sl: slice, x0: torch.Tensor, record: bool) -> dict[str, torch.Tensor]:
-            out = flow.sample(cond[sl], x0.to(dev), steps=steps, guidance=w, record=record)
-            return {**out, "x": out["x1"]}
-
         draws = {"n_samples": n_samples, "seed": seed, "batch_size": batch_size, "record": record_trajectories}
-        res = _draw(sample, n, g, (g, self.config.d_model, 1), temperature=float(temperature), **draws)
+        try:
+            flow = self.flow.to(dev).eval()
+            cond, attns = _spot_conditions(flow.condition, arrays, nbr, off, batch_size, dev)
+
+            def sample(sl: slice, x0: torch.Tensor, record: bool) -> dict[str, torch.Tensor]:
+                out = flow.sample(cond[sl], x0.to(dev), steps=steps, guidance=w, record=record)
+                return {**out, "x": out["x1"]}
+
+            res = _draw(sample, n, g, (g, self.config.d_model, 1), temperature=float(temperature), **draws)
+        finally:  # the model lives on the CPU between calls, also after a failure
+            self.flow.cpu()
         if attns:
             res["metadata_attention"] = torch.cat(attns).numpy()
-        self.flow.cpu()
         return res
 
     def get_latent(self, adata: AnnData | None = None, rows: np.ndarray | None = None) -> np.ndarray:

@@ -16,6 +16,7 @@ from torch import nn
 
 from histoflow._constants import Key
 from histoflow._logging import logger
+from histoflow._utils import torch_device
 from histoflow._validate import check_choice, check_positive, check_temperature
 from histoflow.models._data import (
     Registry,
@@ -664,7 +665,7 @@ class MoLF:
         batch_size: int = 4096,
         allow_unknown: bool = False,
         record_trajectories: bool = False,
-        device: str = "cpu",
+        device: str = "auto",
     ) -> dict[str, np.ndarray]:
         """Sample expression for spots of ``adata`` (default: the training table).
 
@@ -696,7 +697,8 @@ class MoLF:
         record_trajectories
             Keep the latent path of every spot (``steps + 1`` points, first sample).
         device
-            Torch device for inference.
+            Torch device for inference: ``"auto"`` (default: CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:1"``, ... The prior noise is drawn on the CPU, so every device starts from the same noise.
 
         Returns
         -------
@@ -707,23 +709,25 @@ class MoLF:
         adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples, temperature)
         w = self.config.guidance if guidance is None else float(guidance)
         arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
-        dev = torch.device(device)
-        flow, dec = self.flow.to(dev).eval(), self._decoder().to(dev).eval()
-        n = len(rows)
-        cond, attns = _spot_conditions(flow.condition, arrays, nbr, off, batch_size, dev)
-
-        def sample(sl: slice, z0: torch.Tensor, record: bool) -> dict[str, torch.Tensor]:
-            meta = arrays["meta"][sl].to(dev) if "meta" in arrays else None  # for the metadata routers
-            out = flow.sample(cond[sl], z0.to(dev), meta=meta, steps=steps, guidance=w, record=record)
-            return {**out, "x": dec(out["z1"]), "latent": out["z1"]}
-
+        dev = torch_device(device)
         draws = {"n_samples": n_samples, "seed": seed, "batch_size": batch_size, "record": record_trajectories}
         dims = (len(self.registry.genes), self.config.latent_dim, self.n_experts)
-        res = _draw(sample, n, self.config.latent_dim, dims, temperature=float(temperature), **draws)
+        dec = self._decoder()
+        try:
+            flow, dec = self.flow.to(dev).eval(), dec.to(dev).eval()
+            cond, attns = _spot_conditions(flow.condition, arrays, nbr, off, batch_size, dev)
+
+            def sample(sl: slice, z0: torch.Tensor, record: bool) -> dict[str, torch.Tensor]:
+                meta = arrays["meta"][sl].to(dev) if "meta" in arrays else None  # for the metadata routers
+                out = flow.sample(cond[sl], z0.to(dev), meta=meta, steps=steps, guidance=w, record=record)
+                return {**out, "x": dec(out["z1"]), "latent": out["z1"]}
+
+            res = _draw(sample, len(rows), self.config.latent_dim, dims, temperature=float(temperature), **draws)
+        finally:  # the model lives on the CPU between calls, also after a failure
+            self.flow.cpu()
+            dec.cpu()
         if attns:
             res["metadata_attention"] = torch.cat(attns).numpy()
-        self.flow.cpu()
-        self._decoder().cpu()
         return res
 
     def get_latent(self, adata: AnnData | None = None, rows: np.ndarray | None = None) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 from histoflow._constants import Key
 from histoflow._docs import doc_params
 from histoflow._logging import logger
-from histoflow._utils import copy_data, get_table, log_write
+from histoflow._utils import copy_data, get_table, log_write, torch_device
 from histoflow._validate import check_positive
 from histoflow.io._resolve import ImageLevel, Slide, resolve_slides
 
@@ -206,18 +206,6 @@ def _subset_slide(slide: Slide, rows: np.ndarray) -> Slide:
     )
 
 
-def _device(device: str | torch.device) -> torch.device:
-    import torch
-
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 class _Preprocess:
     """uint8 NHWC patches → normalised float NCHW tensors at the encoder's input size (on the encoder's device)."""
 
@@ -241,7 +229,19 @@ class _Preprocess:
 
 
 def encode(enc: Encoder, x: torch.Tensor, dihedral: bool = False) -> torch.Tensor:
-    """Features of normalised patches ``x``; with ``dihedral``, their mean over the 8 rotations and flips."""
+    """Features of normalised patches ``x``; with ``dihedral``, their mean over the 8 rotations and flips.
+
+    On CUDA, convolutions run in full float32 (no TF32) with deterministic cuDNN algorithms: a patch's features then do
+    not depend on the batch it is in, and differ from the CPU's only by rounding.
+    """
+    import torch
+
+    exact = {"benchmark": False, "deterministic": True, "allow_tf32": False}
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, **exact):
+        return _encode(enc, x, dihedral)
+
+
+def _encode(enc: Encoder, x: torch.Tensor, dihedral: bool) -> torch.Tensor:
     if not dihedral:
         return enc(x)
     import torch
@@ -447,7 +447,7 @@ def _embed_here(
     import torch
     from tqdm.auto import tqdm
 
-    dev = _device(device)
+    dev = torch_device(device)
     enc.model = enc.model.to(dev).eval()
     prep = _Preprocess(enc, dev, patch_px)
     feats: np.ndarray | None = None

@@ -87,7 +87,8 @@ def fit_flag(
     batch_size
         Spots per batch.
     accelerator, devices, strategy
-        Lightning settings (several GPUs or CPU processes through DDP).
+        Lightning settings (several GPUs or CPU processes through DDP). The predictions are then computed in this
+        process on the accelerator's device (``"auto"``: CUDA, then MPS, then CPU).
     steps
         Euler steps at prediction (1 = one velocity evaluation).
     n_samples

@@ -12,7 +12,7 @@ import pandas as pd
 from histoflow._constants import Key
 from histoflow._docs import doc_params
 from histoflow._logging import logger
-from histoflow._utils import copy_data, get_table, log_write
+from histoflow._utils import accelerator_device, copy_data, get_table, log_write, torch_device
 from histoflow._validate import check_temperature
 from histoflow.tl._write import write_predictions
 
@@ -126,7 +126,8 @@ def fit_molf(
     batch_size
         Spots per batch.
     accelerator, devices, strategy
-        Lightning settings (several GPUs or CPU processes through DDP).
+        Lightning settings (several GPUs or CPU processes through DDP). The predictions are then computed in this
+        process on the accelerator's device (``"auto"``: CUDA, then MPS, then CPU).
     steps
         Euler steps at prediction (1 = one velocity evaluation).
     n_samples
@@ -213,7 +214,10 @@ def _train_predict_write(
     temperature = check_temperature(temperature)  # before training, not after it
     model.train(max_epochs, seed=seed, **train, **(train_kwargs or {}))
     rows = np.arange(table.n_obs)
-    res = model.predict(table, rows=rows, steps=steps, n_samples=n_samples, temperature=temperature, seed=seed)
+    device = accelerator_device(train.get("accelerator", "auto"))  # predict where training ran
+    res = model.predict(
+        table, rows=rows, steps=steps, n_samples=n_samples, temperature=temperature, seed=seed, device=device
+    )
     params = {"steps": steps, "n_samples": n_samples, "temperature": temperature, "seed": seed}
     params["guidance"] = model.config.guidance
     _write(table, model, key_added, rows, res, {**params, "embedding_key": embedding_key})
@@ -232,6 +236,7 @@ def predict(
     seed: int = 0,
     allow_unknown: bool = False,
     embed: bool = True,
+    device: str = "auto",
     key_added: str | None = None,
     copy: bool = False,
 ) -> SpatialData | AnnData | None:
@@ -264,7 +269,8 @@ def predict(
         Predict metadata values unseen in training (e.g. a new cancer type) with the learned null token instead of
         raising an error.
     embed
-        Embed missing patch features with the model's encoder.
+        Embed missing patch features with the model's encoder (on ``device``).
+    {doc_device}
     key_added
         Key of the predictions; default the model's class name in lower case (``"molf"``, ``"flag"``), the default
         key of its ``fit_*`` function.
@@ -277,6 +283,7 @@ def predict(
     """
     key_added = type(model).__name__.lower() if key_added is None else key_added
     temperature = check_temperature(temperature)
+    torch_device(device)  # a bad device fails before anything is embedded or written
     target = copy_data(sdata, table_key) if copy else sdata
     table = get_table(target, table_key)
     reg = model.registry
@@ -298,6 +305,7 @@ def predict(
             patch_px=int(reg.encoder["patch_px"]),
             dihedral=bool(reg.encoder.get("dihedral", False)),
             context_size_um=list(reg.encoder.get("context_size_um", [])) or None,
+            device=device,
             key_added=reg.embedding_key,
         )
         scaled = reg.encoder.get("scaled_groupby")
@@ -326,6 +334,7 @@ def predict(
         temperature=temperature,
         seed=seed,
         allow_unknown=allow_unknown,
+        device=device,
     )
     _write(
         table,
@@ -367,6 +376,7 @@ def select_guidance(
     n_samples: int = 1,
     temperature: float = 1.0,
     seed: int = 0,
+    device: str = "auto",
     key_added: str = "molf",
 ) -> pd.DataFrame:
     """Choose the classifier-free guidance scale by MoLF's filter-and-rank protocol (appendix C).
@@ -394,6 +404,7 @@ def select_guidance(
         Sampling settings, as in :func:`predict`. The criterion is the paper's (distributional), not PCC: on HER2ST,
         sweeping point estimates (``temperature=0``) chose 0.5 on most folds and scored a lower PCC than guidance 1
         (benchmarks page).
+    {doc_device}
     key_added
         Writes ``uns[f"{key_added}_guidance"]``.
 
@@ -407,6 +418,7 @@ def select_guidance(
 
     table = get_table(sdata, table_key)
     temperature = check_temperature(temperature)
+    torch_device(device)
     if tau < 0:
         raise ValueError(f"`tau` must be non-negative, got {tau}.")
     if not len(scales):
@@ -427,6 +439,7 @@ def select_guidance(
             n_samples=n_samples,
             temperature=temperature,
             seed=seed,
+            device=device,
         )
         records.append(
             {
@@ -462,6 +475,7 @@ def trajectories(
     guidance: float | None = None,
     seed: int = 0,
     n_spots: int | None = 500,
+    device: str = "auto",
     key_added: str = "molf",
 ) -> dict[str, Any]:
     """Record flow trajectories from noise (t = 0) to the predicted latent (t = 1), with the true latents.
@@ -479,6 +493,7 @@ def trajectories(
         Seed of the noise and of the spot subsample.
     n_spots
         Spots recorded (a seeded random subset; None = all).
+    {doc_device}
     key_added
         Writes ``uns[f"{key_added}_trajectories"]``.
 
@@ -493,7 +508,9 @@ def trajectories(
     rows = np.arange(table.n_obs)
     if n_spots is not None and n_spots < table.n_obs:
         rows = np.sort(rng.choice(table.n_obs, size=n_spots, replace=False))
-    res = model.predict(table, rows=rows, steps=steps, guidance=guidance, seed=seed, record_trajectories=True)
+    res = model.predict(
+        table, rows=rows, steps=steps, guidance=guidance, seed=seed, record_trajectories=True, device=device
+    )
     out: dict[str, Any] = {
         "obs_names": [str(x) for x in table.obs_names[rows]],
         "times": np.linspace(0.0, 1.0, steps + 1),
