@@ -157,3 +157,33 @@ def test_hest_bench_mode_trains_molf(tmp_path, capsys):
     assert list(pcc["method"]) == ["molf", "molf"] and pcc["value"].between(-1, 1).all()
     assert (results["fit_s"] > 0).all() and (results["predict_s"] > 0).all()
     assert "| MoLF (MoE, window context) |" in capsys.readouterr().out
+
+
+def test_stage_one_rows_score_one_draw_and_the_stage_one_reconstruction(tmp_path, capsys):
+    harness = _harness()
+    _hest_bench(tmp_path / "bench", tmp_path / "feats")
+    table = harness.read_hest_bench_task(
+        tmp_path / "bench", "IDC", features=tmp_path / "feats", encoder="enc", patch_px=224
+    )
+    table.obs["split"] = pd.Categorical(np.where(table.obs["library_id"] == "TENX0", "val", "train"))
+    args = harness.argparse.Namespace(
+        encoder="enc", molf_config={"cond_dim": 16, "latent_dim": 4}, molf_train={}, patience=2, epochs=2,
+        batch_size=64, accelerator="cpu", select_guidance=False, n_samples=2, temperature=1.0, seed=0, stage_one=True,
+    )  # fmt: skip
+    harness.fit_method(table, "molf", args, None)
+    genes = list(table.obsm["bench_molf"].columns)
+    for key in ("bench_molf_1draw", "bench_molf_stage1"):
+        out = table.obsm[key]
+        assert list(out.columns) == genes and out.index.equals(table.obs_names) and np.isfinite(out.to_numpy()).all()
+    assert "bench_molf_std" in table.obsm and "bench_molf_1draw_std" not in table.obsm  # 2 draws, then 1
+    assert not np.allclose(table.obsm["bench_molf_stage1"], table.obsm["bench_molf"])
+    results = pd.DataFrame(
+        [("C2", "hvg50", m, "all", "pcc", 0.1, 1.0, 0.1) for m in ("molf", "molf_1draw", "molf_stage1")],
+        columns=["fold", "panel", "method", "gene_set", "metric", "value", "fit_s", "predict_s"],
+    )
+    harness.print_table(results, "hvg50", "all", "t")
+    out = capsys.readouterr().out
+    assert "| MoLF (MoE, window context), one draw |" in out
+    assert "| MoLF (MoE, window context), Stage I reconstruction |" in out
+    with pytest.raises(SystemExit, match="--stage-one applies to the HER2ST mode only"):
+        harness.main(["--hest-bench", str(tmp_path / "bench"), "--features", str(tmp_path / "feats"), "--stage-one"])
