@@ -9,6 +9,19 @@ from anndata import AnnData
 
 import histoflow as hf
 
+#: a MoLF small enough for the tiny tables of the tests (seconds per fit on a CPU)
+MOLF_SMALL = {
+    "latent_dim": 8,
+    "vae_d_model": 32,
+    "vae_ff_dim": 64,
+    "cond_dim": 32,
+    "expert_width": 32,
+    "n_experts": 3,
+    "top_k": 2,
+    "vae_heads": 2,
+    "expert_heads": 2,
+}
+
 
 def molf_table(seed: int = 0, n_per_slide: int = 36, n_genes: int = 12) -> AnnData:
     """Six slides on 6×6 grids, three cancer types; features carry (noisily) the expression programs."""

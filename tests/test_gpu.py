@@ -9,24 +9,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _model_data import molf_table
+from _model_data import MOLF_SMALL, molf_table
 
 import histoflow as hf
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-SMALL = {
-    "latent_dim": 8,
-    "vae_d_model": 32,
-    "vae_ff_dim": 64,
-    "cond_dim": 32,
-    "expert_width": 32,
-    "n_experts": 3,
-    "top_k": 2,
-    "vae_heads": 2,
-    "expert_heads": 2,
-}
 TRAIN = {"show_progress_bar": False, "patience": 5}
+
+
+def _fit_on_gpu(a, max_epochs: int, **config):
+    """Tiny MoLF fitted with Lightning on the GPU (it predicts there too)."""
+    return hf.tl.fit_molf(
+        a, embedding_key="X_feat", max_epochs=max_epochs, batch_size=64, accelerator="gpu", devices=1,
+        train_kwargs=TRAIN, **config,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +42,7 @@ def gpu_molf():
     a = molf_table()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(LatentFlow, "loss", probe)
-        model = hf.tl.fit_molf(
-            a,
-            embedding_key="X_feat",
-            max_epochs=4,
-            batch_size=64,
-            accelerator="gpu",
-            devices=1,
-            train_kwargs=TRAIN,
-            n_samples=2,
-            **SMALL,
-        )
+        model = _fit_on_gpu(a, 4, n_samples=2, **MOLF_SMALL)
     return a, model, seen
 
 
@@ -138,16 +125,6 @@ def test_embed_patches_on_gpu_matches_cpu():
 def test_scvi_latent_on_gpu():
     pytest.importorskip("scvi")
     a = molf_table()
-    model = hf.tl.fit_molf(
-        a,
-        embedding_key="X_feat",
-        max_epochs=2,
-        batch_size=64,
-        accelerator="gpu",
-        devices=1,
-        latent="scvi",
-        scvi_epochs=2,
-        train_kwargs=TRAIN,
-        **{k: v for k, v in SMALL.items() if not k.startswith("vae_")},
-    )
+    small = {k: v for k, v in MOLF_SMALL.items() if not k.startswith("vae_")}
+    model = _fit_on_gpu(a, 2, latent="scvi", scvi_epochs=2, **small)
     np.testing.assert_allclose(_predict(model, a, "cuda"), _predict(model, a, "cpu"), rtol=1e-3, atol=1e-3)

@@ -5,24 +5,14 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from _model_data import molf_table
+from _model_data import MOLF_SMALL, molf_table
 from anndata import AnnData
 
 import histoflow as hf
 from histoflow.models import MoLF
 from histoflow.tl._molf import _filter_and_rank
 
-SMALL = {
-    "latent_dim": 8,
-    "vae_d_model": 32,
-    "vae_ff_dim": 64,
-    "cond_dim": 32,
-    "expert_width": 32,
-    "n_experts": 3,
-    "top_k": 2,
-    "vae_heads": 2,
-    "expert_heads": 2,
-}
+SMALL = MOLF_SMALL
 TRAIN = {"show_progress_bar": False, "patience": 5}
 
 
