@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from _model_data import MOLF_SMALL
 from anndata import AnnData
 
 import histoflow as hf
@@ -194,17 +195,7 @@ def test_bad_values_give_clear_errors():
 
 # ---------------------------------------------------------------------------------------------- MoLF end to end
 
-SMALL = {
-    "latent_dim": 8,
-    "vae_d_model": 32,
-    "vae_ff_dim": 64,
-    "cond_dim": 32,
-    "expert_width": 32,
-    "n_experts": 3,
-    "top_k": 2,
-    "vae_heads": 2,
-    "expert_heads": 2,
-}
+SMALL = MOLF_SMALL
 FIT = {
     "embedding_key": "X_feat",
     "max_epochs": 4,

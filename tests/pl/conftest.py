@@ -14,6 +14,7 @@ import pytest
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+from _model_data import MOLF_SMALL
 from anndata import AnnData
 
 import histoflow as hf
@@ -22,17 +23,7 @@ IMAGES = Path(__file__).parent / "_images"
 DPI = 60
 TOL = 8.0  # RMS over 0–255 pixel values: catches layout and data changes, ignores antialiasing noise
 
-SMALL = {
-    "latent_dim": 8,
-    "vae_d_model": 32,
-    "vae_ff_dim": 64,
-    "cond_dim": 32,
-    "expert_width": 32,
-    "n_experts": 3,
-    "top_k": 2,
-    "vae_heads": 2,
-    "expert_heads": 2,
-}
+SMALL = MOLF_SMALL
 
 
 def _tiny_encoder():
