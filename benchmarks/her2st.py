@@ -447,8 +447,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument(
         "--stage-one",
         action="store_true",
-        help="MoLF rows also score one draw and Stage I's reconstruction of the measured expression (the ceiling of "
-        "any prediction decoded from the latent)",
+        help="MoLF rows also score one draw and Stage I's reconstruction of the measured expression (what a perfect "
+        "prediction of the latent would give)",
     )
     p.add_argument("--quick", action="store_true", help="2 folds, HVG-50 only, 40 epochs")
     p.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,7 @@
 """Prediction speed of MoLF: spots per second and peak memory.
 
     python benchmarks/predict_speed.py [--sizes 10000 100000] [--repeats 3] [--threads 2] [--models molf molf_16 mlp]
-    python benchmarks/predict_speed.py --device cuda --sizes 10000 100000 1000000   # on a GPU
-
+    python benchmarks/predict_speed.py --device cuda [--sizes 10000 100000]   # on a GPU
 
 Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with guidance (w = 2: conditional and null branch in one batched forward pass),
