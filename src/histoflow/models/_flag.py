@@ -720,10 +720,10 @@ class FLAG:
         spots × genes), ``routing`` (spots × 1, ones: a dense model), ``metadata_attention`` (with metadata) and
         ``trajectory`` (``steps + 1`` × spots × genes, when recorded).
         """
+        dev = torch_device(device)  # a device this machine lacks fails before any work
         adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples, temperature)
         w = self.config.guidance if guidance is None else float(guidance)
         arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
-        dev = torch_device(device)
         n, g = len(rows), len(self.registry.genes)
         draws = {"n_samples": n_samples, "seed": seed, "batch_size": batch_size, "record": record_trajectories}
         try:

@@ -706,10 +706,10 @@ class MoLF:
         ``z0`` (the first sample's noise), ``routing`` (mean gate weights, spots × experts), ``metadata_attention``,
         ``trajectory`` (when recorded).
         """
+        dev = torch_device(device)  # a device this machine lacks fails before any work
         adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples, temperature)
         w = self.config.guidance if guidance is None else float(guidance)
         arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
-        dev = torch_device(device)
         draws = {"n_samples": n_samples, "seed": seed, "batch_size": batch_size, "record": record_trajectories}
         dims = (len(self.registry.genes), self.config.latent_dim, self.n_experts)
         dec = self._decoder()
