@@ -2,6 +2,7 @@
 
     python benchmarks/predict_speed.py [--sizes 10000 100000] [--repeats 3] [--threads 2] [--models molf molf_16 mlp]
     python benchmarks/predict_speed.py --device cuda [--sizes 10000 100000]   # on a GPU
+    python benchmarks/predict_speed.py --set cond_dim=128 --set vae_decoder_hidden=256   # other MoLF settings
 
 Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with guidance (w = 2: conditional and null branch in one batched forward pass),
@@ -15,6 +16,7 @@ all on the same synthetic table (1280-d features as from EfficientNet-Lite0, a V
 Weights are random: speed does not depend on training. Ratios are against the MLP baseline, measured in the same run.
 With ``--device cuda`` every model predicts on the GPU (one untimed warm-up call first) and the table adds the peak
 GPU memory; the prior noise is still drawn on the CPU and the results come back to the CPU, as in ``tl.predict``.
+``--set KEY=VALUE`` (as ``histoflow fit --set``) changes a setting of every MoLF row.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _table(n: int, seed: int = 0):
     return a
 
 
-def _run(kind: str, n: int, repeats: int, threads: int, device: str, q: mp.Queue) -> None:
+def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dict, q: mp.Queue) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -80,7 +82,7 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, q: mp.Queue
         from histoflow.models import MoLF
 
         spatial = None if kind == "molf_bag" else "window"
-        m = MoLF(a, spatial_context=spatial, **({"cond_dim": 128} if kind == "molf_128" else {}))
+        m = MoLF(a, **{**config, "spatial_context": spatial, **({"cond_dim": 128} if kind == "molf_128" else {})})
         m.is_trained = True
         steps = 10 if kind == "molf_10" else 1
         draws = 16 if kind == "molf_16" else 1
@@ -102,7 +104,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="torch device of the predictions (cpu, cuda, cuda:1, ...)")
     p.add_argument("--models", nargs="+", help="run only these rows (the MLP baseline always runs: ratios need it)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="MoLF setting for every MoLF row; repeatable")
     args = p.parse_args()
+    from histoflow.cli import _parse_settings
+
+    config, train = _parse_settings(p, args.set, "molf")
+    if train:
+        p.error(f"--set {sorted(train)}: training settings do not change prediction speed; give model settings")
     ctx = mp.get_context("spawn")
     rows = [
         ("molf", "MoLF, 1 step, guidance w=2"),
@@ -123,6 +131,8 @@ def main() -> None:
 
         print(f"device={args.device} ({torch.cuda.get_device_name(args.device)}), torch {torch.__version__}")
     print(f"threads={args.threads} repeats={args.repeats} (median), features 1280-d, 50 genes")
+    if config:
+        print("MoLF settings: " + ", ".join(f"{k}={v}" for k, v in config.items()))
     print()
     print("| spots | model | seconds | spots/s | vs MLP | peak RSS (MB) |" + (" peak GPU (MB) |" if gpu else ""))
     print("|---|---|---|---|---|---|" + ("---|" if gpu else ""))
@@ -130,7 +140,7 @@ def main() -> None:
         res = {}
         for kind, _ in rows:
             q = ctx.Queue()
-            proc = ctx.Process(target=_run, args=(kind, n, args.repeats, args.threads, args.device, q))
+            proc = ctx.Process(target=_run, args=(kind, n, args.repeats, args.threads, args.device, config, q))
             proc.start()
             res[kind] = q.get()
             proc.join()

@@ -42,6 +42,24 @@ def test_load_balancing_loss_is_one_when_uniform_and_larger_when_collapsed():
     assert info["aux"].item() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_an_idle_expert_still_gets_a_zero_gradient_in_training():
+    # DDP refuses a step where a parameter took no part in the loss; an expert routed no input must still take part
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(4, lambda: MLPExpert(4, 8, 2), n_experts=3, top_k=1, gate_noise=0.0)
+    x = torch.randn(6, 4)
+    weights = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 1, 0, 1]), 3).float()  # expert 2 gets nothing
+    y, _ = moe(x, weights=weights)
+    y.sum().backward()
+    idle = list(moe.experts[2].parameters())
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in idle)
+    assert any(torch.count_nonzero(p.grad) > 0 for p in moe.experts[0].parameters())
+    moe.zero_grad(set_to_none=True)
+    moe.eval()  # at inference the idle expert is not touched at all
+    moe(x, weights=weights)[0].sum().backward()
+    assert all(p.grad is None for p in moe.experts[2].parameters())
+    np.testing.assert_allclose(moe(x, weights=weights)[0].detach().numpy(), y.detach().numpy(), rtol=1e-6)
+
+
 def test_dense_block_and_transformer_expert():
     exp = TokenTransformerExpert([3, 2, 5], width=8, out_dim=4, n_heads=2)
     assert exp(torch.randn(6, 10)).shape == (6, 4)
@@ -52,7 +70,11 @@ def test_dense_block_and_transformer_expert():
 
 def test_masked_genes_never_count():
     torch.manual_seed(0)
-    vae = GeneVAE(12, latent_dim=4, d_model=16, n_heads=2, ff_dim=32, decoder_hidden=(16,), dropout=0.0).eval()
+    vae = GeneVAE(
+        12, latent_dim=4, d_model=16, n_heads=2, ff_dim=32, decoder_hidden=(16,), dropout=0.0, value_path=True
+    )
+    vae.eval()
+    torch.nn.init.normal_(vae.value_path.weight)  # the value path starts at zero: make it count here
     x = torch.rand(5, 12)
     mask = torch.ones(5, 12, dtype=torch.bool)
     mask[:, 8:] = False
@@ -63,6 +85,30 @@ def test_masked_genes_never_count():
     torch.testing.assert_close(mu1, mu2)
     pred = torch.zeros(5, 12)
     assert masked_mse(pred, garbage, mask).item() == pytest.approx(masked_mse(pred, x, mask).item())
+
+
+def test_vae_value_path_starts_at_zero_and_carries_the_values():
+    torch.manual_seed(0)
+    x = torch.randn(128, 12)  # independent genes: no low-dimensional shortcut, every value must reach the latent
+    vae = GeneVAE(
+        12, latent_dim=16, d_model=16, n_heads=2, ff_dim=32, decoder_hidden=(64,), dropout=0.0, value_path=True
+    )
+    assert vae.value_path.weight.abs().sum() == 0 and vae.value_path.bias.abs().sum() == 0
+    # the class token's branch silenced: whatever the latent knows comes through the value path
+    torch.nn.init.zeros_(vae.to_stats.weight)
+    torch.nn.init.zeros_(vae.to_stats.bias)
+    vae.to_stats.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(200):
+        out = vae.loss(x, None, beta=1e-7)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        assert masked_mse(vae.decode(vae.encode(x)[0]), x, None).item() < 0.1  # each gene's variance is 1
+    off = GeneVAE(12, latent_dim=16, d_model=16, n_heads=2, ff_dim=32, decoder_hidden=(64,))  # off by default
+    assert off.value_path is None and not any(k.startswith("value_path") for k in off.state_dict())
+    assert off.encode(x)[0].shape == (128, 16)
 
 
 def test_vae_groups_genes_into_tokens_for_large_panels():

@@ -100,6 +100,23 @@ def test_save_load_round_trip_and_refusals(fitted, tmp_path):
         MoLF.load(tmp_path / "nothing")
 
 
+def test_vae_value_path_trains_saves_and_loads(tmp_path):
+    a = _table()
+    model = MoLF(a, embedding_key="X_feat", **SMALL, vae_value_path=True)
+    assert model.vae.value_path is not None and MoLF(a, embedding_key="X_feat", **SMALL).vae.value_path is None
+    model.train(3, batch_size=64, accelerator="cpu", devices=1, **TRAIN)
+    assert model.vae.value_path.weight.abs().sum() > 0  # trained away from its zero start
+    model.save(tmp_path / "m")
+    loaded = MoLF.load(tmp_path / "m", adata=a)
+    assert loaded.config.vae_value_path is True
+    x = torch.from_numpy(np.asarray(a.layers["log1p"].toarray(), dtype=np.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.vae.encode(x), model.vae.encode(x), rtol=0, atol=0)
+    np.testing.assert_array_equal(loaded.predict(a, seed=1)["mean"], model.predict(a, seed=1)["mean"])
+    with pytest.raises(TypeError, match="vae_value_path"):
+        MoLF(a, embedding_key="X_feat", vae_value_path="yes")
+
+
 def test_predict_image_only_slide_and_unknown_type(fitted):
     a, model = fitted
     img = AnnData(obs=a.obs[["library_id", "cancer_type", "pixel_size_um"]].iloc[:36].copy())
@@ -245,6 +262,12 @@ def test_bad_inputs():
         MoLF(a, embedding_key="X_feat", n_expert=3)
     with pytest.raises(ValueError, match="latent"):
         MoLF(a, embedding_key="X_feat", latent="nope")
+    for hidden in (256, (64, 0), ("64",), (True,)):
+        with pytest.raises(ValueError, match="vae_decoder_hidden"):
+            MoLF(a, embedding_key="X_feat", vae_decoder_hidden=hidden)
+    small = MoLF(a, embedding_key="X_feat", **{**SMALL, "vae_decoder_hidden": [16]})
+    assert small.config.vae_decoder_hidden == (16,)
+    assert [m.out_features for m in small.vae.decoder if isinstance(m, torch.nn.Linear)] == [16, a.n_vars]
     m = MoLF(a, embedding_key="X_feat", **SMALL)
     with pytest.raises(RuntimeError, match="not trained"):
         m.predict(a)

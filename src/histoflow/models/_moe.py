@@ -199,15 +199,20 @@ class MixtureOfExperts(nn.Module):
             aux = self.n_experts * torch.sum(frac * probs.mean(dim=0))
             z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
         out = None
+        idle: list[nn.Module] = []
         for e, expert in enumerate(self.experts):
             sel = torch.nonzero(gates[:, e] > 0, as_tuple=True)[0]
             if sel.numel() == 0:
+                idle.append(expert)
                 continue
             y = expert(x.index_select(0, sel)) * gates.index_select(0, sel)[:, e : e + 1]
             if out is None:
                 out = x.new_zeros((x.shape[0], y.shape[1]))
             # rows in `sel` are unique: a gather + put (no accumulation) is exact and fast, also in deterministic mode
             out = out.index_put((sel,), out.index_select(0, sel) + y)
+        if idle and self.training and torch.is_grad_enabled():
+            # an expert that got no input still joins the graph, with zero gradient: DDP needs every parameter used
+            out = out + 0.0 * sum(p.sum() for expert in idle for p in expert.parameters())
         shares = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
         info = {"weights": shares, "gates": gates, "probs": probs, "aux": aux, "z_loss": z_loss, "load": frac}
         return out, info

@@ -46,7 +46,10 @@ _FORMAT_VERSION = 1
 class MoLFConfig:
     """Every architectural and objective setting of a :class:`~histoflow.models.MoLF` model (saved with it).
 
-    Stage I: ``latent="vae"`` (default, the paper's Transformer VAE over log1p expression; ``vae_*``, ``beta``) or
+    Stage I: ``latent="vae"`` (default, the paper's Transformer VAE over log1p expression; ``vae_*``, ``beta``;
+    ``vae_decoder_hidden`` are the hidden widths of its MLP decoder; ``vae_value_path=True`` adds a linear path from
+    the values to the posterior, which reconstructs far better and keeps more structure, see
+    :class:`~histoflow.models.GeneVAE` and the HER2ST benchmark) or
     ``latent="scvi"`` (scvi-tools' :class:`~scvi.model.SCVI` on the raw counts of the panel with the slide as batch;
     ``scvi_n_hidden``, ``scvi_n_layers``, ``scvi_epochs`` (default: the Stage I
     epochs of :meth:`~histoflow.models.MoLF.train`), ``scvi_library_size`` (total count at which the decoder reports
@@ -62,6 +65,8 @@ class MoLFConfig:
     vae_layers: int = 1
     vae_ff_dim: int = 512
     vae_max_tokens: int = 32
+    vae_decoder_hidden: tuple[int, ...] = (512, 1024)
+    vae_value_path: bool = False
     beta: float = 1e-3
     scvi_n_hidden: int = 128
     scvi_n_layers: int = 1
@@ -297,6 +302,18 @@ class MoLF:
             raise TypeError(f"Unknown MoLF settings {sorted(unknown)}; see `histoflow.models.MoLFConfig`.")
         self.config = MoLFConfig(**config)
         check_choice(self.config.latent, ("vae", "scvi"), "latent")
+        hidden = self.config.vae_decoder_hidden
+        if isinstance(hidden, (str, bytes, int)) or not all(
+            isinstance(h, int | np.integer) and not isinstance(h, bool) and h > 0 for h in hidden
+        ):
+            raise ValueError(
+                "`vae_decoder_hidden` must be a sequence of positive integers (the hidden widths of Stage I's decoder, "
+                f"e.g. (512, 1024); () for a linear decoder), got {hidden!r}."
+            )
+        self.config.vae_decoder_hidden = tuple(int(h) for h in hidden)
+        if not isinstance(self.config.vae_value_path, bool | np.bool_):
+            raise TypeError(f"`vae_value_path` must be True or False, got {self.config.vae_value_path!r}.")
+        self.config.vae_value_path = bool(self.config.vae_value_path)
         if self.config.latent == "scvi":
             check_choice(self.config.scvi_gene_likelihood, ("zinb", "nb", "poisson"), "scvi_gene_likelihood")
             if self.config.scvi_library_size is not None:
@@ -365,6 +382,8 @@ class MoLF:
                 n_layers=c.vae_layers,
                 ff_dim=c.vae_ff_dim,
                 max_tokens=c.vae_max_tokens,
+                decoder_hidden=c.vae_decoder_hidden,
+                value_path=c.vae_value_path,
             )
         cond = ConditionEncoder(
             r.embedding_dim,

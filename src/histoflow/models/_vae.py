@@ -32,6 +32,12 @@ class GeneVAE(nn.Module):
     Transformer encoder layers; its output gives the posterior mean and log-variance. The decoder is an MLP
     ``latent → decoder_hidden → n_genes``. Defaults follow MoLF (1 layer, 4 heads, feed-forward 512, latent 128).
 
+    With ``value_path=True`` a linear map of the masked values and the mask is added to the posterior statistics,
+    carrying each gene's value to the latent directly. The class token alone, which sees the genes through softmax
+    attention over layer-normalised tokens, does not fit even its training spots on HER2ST (PCC of the reconstruction
+    0.58 on the training spots, 0.44 on held-out sections); with the value path the reconstruction of held-out
+    sections reaches 0.60 (KL weight 1e-3) to 0.86 (1e-5). The path starts at zero.
+
     Parameters
     ----------
     n_genes
@@ -52,6 +58,8 @@ class GeneVAE(nn.Module):
         Largest number of gene tokens; bigger panels group genes per token.
     dropout
         Dropout in the encoder.
+    value_path
+        Add the value path (see above).
     """
 
     def __init__(
@@ -65,6 +73,7 @@ class GeneVAE(nn.Module):
         decoder_hidden: Sequence[int] = (512, 1024),
         max_tokens: int = 64,
         dropout: float = 0.1,
+        value_path: bool = False,
     ):
         super().__init__()
         self.n_genes, self.latent_dim = n_genes, latent_dim
@@ -83,6 +92,10 @@ class GeneVAE(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.to_stats = nn.Linear(d_model, 2 * latent_dim)
+        self.value_path = nn.Linear(2 * n_genes, 2 * latent_dim) if value_path else None
+        if self.value_path is not None:
+            nn.init.zeros_(self.value_path.weight)
+            nn.init.zeros_(self.value_path.bias)
         dims = [latent_dim, *decoder_hidden]
         blocks: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -109,7 +122,11 @@ class GeneVAE(nn.Module):
         h = torch.cat([self.cls.expand(x.shape[0], -1, -1), tok], dim=1)
         pad = torch.cat([torch.zeros_like(empty[:, :1]), empty], dim=1)
         h = self.encoder(h, src_key_padding_mask=pad)
-        mu, logvar = self.to_stats(self.norm(h[:, 0])).chunk(2, dim=-1)
+        stats = self.to_stats(self.norm(h[:, 0]))
+        if self.value_path is not None:
+            m = mask.to(x.dtype)
+            stats = stats + self.value_path(torch.cat([x * m, m], dim=-1))
+        mu, logvar = stats.chunk(2, dim=-1)
         return mu, logvar.clamp(-10.0, 10.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
