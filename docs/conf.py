@@ -140,6 +140,9 @@ nitpick_ignore: list[tuple[str, str]] = [
     ("py:func", "gseapy.read_gmt"),
     ("py:func", "gseapy.get_library"),
     ("py:mod", "pooch"),
+    # the `...` of `tuple[int, ...]` annotations (MoLFConfig.vae_decoder_hidden): a builtin constant, rendered as a
+    # bare name that the offline mode's standard-library rule (by module prefix) cannot recognise.
+    ("py:data", "Ellipsis"),
 ]
 nitpick_ignore_regex: list[tuple[str, str]] = [
     # Lightning (the Trainer, LightningModule and Callback of histoflow.models' signatures and bases) publishes no
