@@ -128,10 +128,10 @@ def test_encodings():
     assert p.shape == (2, 32) and not torch.allclose(p[0], p[1])
 
 
-def _flow(spatial=None, meta=(3,), velocity="moe"):
+def _flow(spatial=None, meta=(3,), velocity="moe", prediction="velocity"):
     cond = ConditionEncoder(6, 16, spatial_context=spatial, n_heads=2, metadata_sizes=meta, tokens_per_value=2)
     vel = VelocityField(4, 16, time_dim=8, velocity=velocity, n_experts=3, top_k=1, expert_width=8)
-    return LatentFlow(cond, vel)
+    return LatentFlow(cond, vel, prediction=prediction)
 
 
 def test_condition_uses_neighbour_offsets_and_metadata():
@@ -211,6 +211,58 @@ def test_flow_loss_terms_and_gradients():
     out["loss"].backward()
     assert flow.condition.proj[1].weight.grad is not None
     np.testing.assert_allclose(out["aux"].item(), 0.0)
+
+
+class _Endpoint(torch.nn.Module):
+    """A network whose output is ``target(c)`` whatever the state and time."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def forward(self, z, t, c, gate_input=None, **kwargs):
+        return self.target(c), {"weights": torch.ones(z.shape[0], 1), "aux": z.sum() * 0, "load": torch.ones(1)}
+
+
+def test_endpoint_prediction_derives_the_velocity_and_lands_on_the_endpoint():
+    torch.manual_seed(0)
+    flow = _flow(prediction="endpoint").eval()
+    target = torch.nn.Linear(16, 4)
+    flow.velocity = _Endpoint(target)
+    c, z0 = torch.randn(5, 16), torch.randn(5, 4)
+    with torch.no_grad():
+        want, null = target(c), target(flow.condition.null.expand_as(c))
+    # one step, many steps, with guidance: every draw lands on the (guided) endpoint, whatever the noise
+    for steps, w in ((1, 1.0), (1, 2.5), (7, 1.0), (3, 0.5)):
+        guided = null + w * (want - null)
+        for noise in (z0, 3 * torch.randn(5, 4)):
+            out = flow.sample(c, noise, steps=steps, guidance=w)["z1"]
+            torch.testing.assert_close(out, guided, rtol=1e-5, atol=1e-5)
+    # the velocity at (z_t, t) is (endpoint - z_t) / (1 - t)
+    t = torch.rand(5, 1)
+    v, z1_hat, _ = flow.velocity_and_endpoint(z0, t, c)
+    torch.testing.assert_close(z1_hat, want.detach())
+    torch.testing.assert_close(v, (want - z0) / (1 - t))
+    # the flow term is the endpoint error; the gene term decodes the endpoint
+    dec = torch.nn.Linear(4, 7)
+    batch = {"feats": torch.randn(8, 6), "z1": torch.randn(8, 4), "x": torch.rand(8, 7)}
+    out = flow.loss(batch, dec, p_uncond=0.0, p_meta_drop=0.0)
+    with torch.no_grad():
+        c8, _ = flow.condition(batch["feats"], None, None, None)
+        e = target(c8)
+        np.testing.assert_allclose(out["flow"].item(), torch.mean((e - batch["z1"]) ** 2).item(), rtol=1e-5)
+        np.testing.assert_allclose(out["gene"].item(), torch.mean((dec(e) - batch["x"]) ** 2).item(), rtol=1e-5)
+    # the velocity network (default) keeps the paper's velocity target
+    vflow = _flow().eval()
+    vflow.condition, vflow.velocity = flow.condition, _Endpoint(target)
+    out = vflow.loss(batch, dec, p_uncond=0.0, p_meta_drop=0.0, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    torch.rand(8, generator=g)  # the guidance-dropout draw
+    z0 = torch.randn(8, 4, generator=g)
+    with torch.no_grad():
+        np.testing.assert_allclose(out["flow"].item(), torch.mean((e - (batch["z1"] - z0)) ** 2).item(), rtol=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        _flow(prediction="x0")
 
 
 def test_condition_router_ignores_state_and_time():

@@ -117,6 +117,21 @@ def test_vae_value_path_trains_saves_and_loads(tmp_path):
         MoLF(a, embedding_key="X_feat", vae_value_path="yes")
 
 
+def test_endpoint_prediction_trains_saves_and_loads(tmp_path):
+    a = _table()
+    model = MoLF(a, embedding_key="X_feat", **SMALL, prediction="endpoint")
+    assert model.flow.prediction == "endpoint"
+    assert MoLF(a, embedding_key="X_feat", **SMALL).flow.prediction == "velocity"
+    model.train(3, batch_size=64, accelerator="cpu", devices=1, **TRAIN)
+    assert np.isfinite(model.history["flow"]["train_flow"]).all()
+    model.save(tmp_path / "m")
+    loaded = MoLF.load(tmp_path / "m", adata=a)
+    assert loaded.config.prediction == "endpoint" and loaded.flow.prediction == "endpoint"
+    np.testing.assert_array_equal(loaded.predict(a, seed=1)["mean"], model.predict(a, seed=1)["mean"])
+    with pytest.raises(ValueError, match="prediction"):
+        MoLF(a, embedding_key="X_feat", prediction="noise")
+
+
 def test_predict_image_only_slide_and_unknown_type(fitted):
     a, model = fitted
     img = AnnData(obs=a.obs[["library_id", "cancer_type", "pixel_size_um"]].iloc[:36].copy())

@@ -11,7 +11,13 @@ from torch import nn
 from histoflow.models._vae import masked_mse
 from histoflow.models._velocity import ConditionEncoder, VelocityField
 
-__all__ = ["LatentFlow", "draw_path"]
+__all__ = ["LatentFlow", "PREDICTIONS", "draw_path"]
+
+#: What the network outputs: the velocity ``z1 − z0`` (the paper's) or the endpoint ``ẑ1``
+#: (then the velocity is ``(ẑ1 − z_t) / (1 − t)``).
+PREDICTIONS = ("velocity", "endpoint")
+# smallest 1 − t an endpoint is divided by (t < 1 in every Euler step; only a training draw can come closer)
+_MIN_REMAINING = 1e-3
 
 
 def draw_path(
@@ -59,12 +65,35 @@ class LatentFlow(nn.Module):
     code ``-1`` too. So the unconditional velocity ``v_u`` is unconditional in its routing as well: the
     ``"cancer_type"`` router mixes all experts uniformly there, the ``"image+metadata"`` router sees the null
     condition and the null metadata embeddings.
+
+    ``prediction="endpoint"`` makes the network output the endpoint ``ẑ1`` instead of the velocity; the velocity is then
+    ``(ẑ1 − z_t) / (1 − t)`` (the same path, sampler and guidance), and the flow term is the endpoint error
+    ``‖ẑ1 − z1‖²`` (the velocity error weighted by ``(1 − t)²``; both have the same minimiser,
+    ``E[z1 | z_t, c]``). With one Euler step a velocity network must output ``E[z1 | c] − z0``, cancelling its own
+    input noise exactly; an endpoint network outputs ``E[z1 | c]`` directly, so single draws depend far less on the
+    noise.
     """
 
-    def __init__(self, condition: ConditionEncoder, velocity: VelocityField):
+    def __init__(self, condition: ConditionEncoder, velocity: VelocityField, prediction: str = "velocity"):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"`prediction` must be one of {list(PREDICTIONS)}, got {prediction!r}.")
         self.condition = condition
         self.velocity = velocity
+        self.prediction = prediction
+
+    def velocity_and_endpoint(
+        self, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, meta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Velocity ``v``, endpoint estimate ``ẑ1 = z_t + (1 − t) v`` and routing info at ``(z_t, t)``.
+
+        ``t`` is one time ``(1,)`` for every row or one per row ``(B, 1)``.
+        """
+        out, info = self.velocity(z, t, c) if meta is None else self.velocity(z, t, c, meta=meta)
+        remaining = 1 - (t.reshape(-1, 1) if t.numel() > 1 else t.reshape(1, 1))
+        if self.prediction == "endpoint":
+            return (out - z) / remaining.clamp_min(_MIN_REMAINING), out, info
+        return out, z + remaining * out, info
 
     def loss(
         self,
@@ -87,9 +116,12 @@ class LatentFlow(nn.Module):
         route_meta = None
         if meta is not None and getattr(self.velocity, "uses_metadata", False):
             route_meta = torch.where(drop[:, None], torch.full_like(meta, -1), meta)  # the null branch is unconditional
-        v, info = self.velocity(zt, t, c) if route_meta is None else self.velocity(zt, t, c, meta=route_meta)
-        flow = torch.mean((v - (z1 - z0)) ** 2)
-        gene = masked_mse(decoder(zt + (1 - t) * v), batch["x"], batch.get("mask")) if lambda_gene > 0 else flow * 0
+        v, z1_hat, info = self.velocity_and_endpoint(zt, t, c, route_meta)
+        if self.prediction == "endpoint":
+            flow = torch.mean((z1_hat - z1) ** 2)
+        else:
+            flow = torch.mean((v - (z1 - z0)) ** 2)
+        gene = masked_mse(decoder(z1_hat), batch["x"], batch.get("mask")) if lambda_gene > 0 else flow * 0
         total = lambda_flow * flow + lambda_gene * gene + lambda_aux * info["aux"]
         return {"loss": total, "flow": flow, "gene": gene, "aux": info["aux"], "load": info["load"]}
 
@@ -127,7 +159,7 @@ class LatentFlow(nn.Module):
         for s in range(steps):
             t = torch.full((1,), s * dt, device=z.device)
             zz = torch.cat([z, z]) if guided else z
-            v, info = self.velocity(zz, t, cc) if mm is None else self.velocity(zz, t, cc, meta=mm)
+            v, _, info = self.velocity_and_endpoint(zz, t, cc, mm)
             if guided:
                 v_c, v_u = v.chunk(2)
                 v = v_u + guidance * (v_c - v_u)
