@@ -70,7 +70,7 @@ class LatentFlow(nn.Module):
     ``(ẑ1 − z_t) / (1 − t)`` (the same path, sampler and guidance), and the flow term is the endpoint error
     ``‖ẑ1 − z1‖²`` (the velocity error weighted by ``(1 − t)²``; both have the same minimiser,
     ``E[z1 | z_t, c]``). With one Euler step a velocity network must output ``E[z1 | c] − z0``, cancelling its own
-    input noise exactly; an endpoint network outputs ``E[z1 | c]`` directly, so single draws depend far less on the
+    input noise exactly; an endpoint network outputs ``E[z1 | c]`` directly, so single draws depend less on the
     noise.
     """
 
