@@ -90,7 +90,7 @@ class LatentFlow(nn.Module):
         ``t`` is one time ``(1,)`` for every row or one per row ``(B, 1)``.
         """
         out, info = self.velocity(z, t, c) if meta is None else self.velocity(z, t, c, meta=meta)
-        remaining = 1 - (t.reshape(-1, 1) if t.numel() > 1 else t.reshape(1, 1))
+        remaining = 1 - t.reshape(-1, 1)  # (1, 1) or (B, 1)
         if self.prediction == "endpoint":
             return (out - z) / remaining.clamp_min(_MIN_REMAINING), out, info
         return out, z + remaining * out, info
