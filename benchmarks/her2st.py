@@ -3,7 +3,7 @@
     python benchmarks/her2st.py [--path ../shared/data/her2st] [--sections C2 C3 C4 C5 C6]
                                 [--methods molf dense mlp ridge] [--panels hvg50 hallmark] [--epochs 200]
                                 [--dihedral] [--context-um 224] [--scale-features none|slide]
-                                [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
+                                [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--ensemble N] [--vae-extra]
                                 [--quick] [--threads 2] [--accelerator cpu|gpu] [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
 
@@ -22,7 +22,8 @@ Panels, chosen on the training sections only:
 With ``--vae-extra``, MoLF's Stage I (the gene VAE) is also trained on the 25 count-only sections of the other
 patients (expression only; Stage II sees only the training sections). MoLF variants choose their guidance scale by
 filter-and-rank on the validation section and predict the mean of ``--n-samples`` draws (``--temperature 0``: the
-deterministic draw from the prior mean; ``--n-samples 1`` is then enough). Every method is scored on the test section
+deterministic draw from the prior mean; ``--n-samples 1`` is then enough); ``--ensemble N`` averages the predictions of
+N MoLF models trained with consecutive seeds. Every method is scored on the test section
 with ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC,
 SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA,
 ARI/NMI against the domains of the truth). Values are mean ± std over the folds; times are per fold (fit and
@@ -181,10 +182,32 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
             seed=args.seed,
         )
         return time.perf_counter() - t, np.nan
+    table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata  # HEST-Bench mode passes the table
+    fit_s = pred_s = 0.0
+    members = []
+    for i in range(args.ensemble):  # --ensemble N: N models with seeds seed, seed + 1, ...; their predictions averaged
+        model, f, p = _fit_molf(sdata, method, args, extra, args.seed + i)
+        fit_s, pred_s = fit_s + f, pred_s + p
+        members.append(table.obsm[key].copy())
+    if args.ensemble > 1:
+        table.obsm[f"{key}_member"] = members[0]
+        table.obsm[key] = sum(members) / len(members)
+    if args.stage_one:  # the same model: one draw, and Stage I's reconstruction of the measured expression
+        device = accelerator_device(args.accelerator)
+        hf.tl.predict(model, sdata, n_samples=1, temperature=args.temperature, device=device, key_added=f"{key}_1draw")
+        rec = model.decode(model.get_latent(table, np.arange(table.n_obs)))
+        table.obsm[f"{key}_stage1"] = pd.DataFrame(rec, index=table.obs_names, columns=model.registry.genes)
+    return fit_s, pred_s
+
+
+def _fit_molf(sdata, method: str, args: argparse.Namespace, extra, seed: int):
+    """One MoLF variant fitted with ``seed``, guidance chosen, predictions in ``obsm``; (model, fit s, predict s)."""
+    key = f"bench_{method}"
+    t = time.perf_counter()
     cfg = {**MOLF_VARIANTS[method], **args.molf_config}
     train_kwargs = {"show_progress_bar": False, "patience": args.patience, **args.molf_train}
     table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata  # HEST-Bench mode passes the table
-    model = hf.models.MoLF(table, embedding_key=f"X_{args.encoder}", **cfg, seed=args.seed)
+    model = hf.models.MoLF(table, embedding_key=f"X_{args.encoder}", **cfg, seed=seed)
     if extra is not None and cfg.get("latent", "vae") == "vae":
         train_kwargs["vae_extra"] = extra
     model.train(args.epochs, batch_size=args.batch_size, accelerator=args.accelerator, devices=1, **train_kwargs)
@@ -193,16 +216,11 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
         hf.tl.select_guidance(
             model, sdata, n_samples=args.n_samples, temperature=args.temperature, device=device, key_added=key
         )
-        print(f"    {method}: guidance {model.config.guidance:g} chosen by filter-and-rank", flush=True)
+        print(f"    {method} (seed {seed}): guidance {model.config.guidance:g} chosen by filter-and-rank", flush=True)
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
     hf.tl.predict(model, sdata, n_samples=args.n_samples, temperature=args.temperature, device=device, key_added=key)
-    pred_s = time.perf_counter() - t
-    if args.stage_one:  # the same model: one draw, and Stage I's reconstruction of the measured expression
-        hf.tl.predict(model, sdata, n_samples=1, temperature=args.temperature, device=device, key_added=f"{key}_1draw")
-        rec = model.decode(model.get_latent(table, np.arange(table.n_obs)))
-        table.obsm[f"{key}_stage1"] = pd.DataFrame(rec, index=table.obs_names, columns=model.registry.genes)
-    return fit_s, pred_s
+    return model, fit_s, time.perf_counter() - t
 
 
 def score(sdata, method: str, split: str = "test") -> dict[str, float]:
@@ -222,7 +240,7 @@ def score(sdata, method: str, split: str = "test") -> dict[str, float]:
 # tables
 
 
-def print_table(results: pd.DataFrame, panel: str, gene_set: str, title: str) -> None:
+def print_table(results: pd.DataFrame, panel: str, gene_set: str, title: str, ensemble: int = 1) -> None:
     sub = results[(results["panel"] == panel) & (results["gene_set"] == gene_set)]
     if sub.empty:
         return
@@ -241,7 +259,12 @@ def print_table(results: pd.DataFrame, panel: str, gene_set: str, title: str) ->
         pred = np.nanmedian(times["predict_s"]) if times["predict_s"].notna().any() else np.nan
         pred_cell = "incl." if np.isnan(pred) else f"{pred:.1f}"
         base, _, extra_row = method.partition("_")
-        suffix = {"": "", "1draw": ", one draw", "stage1": ", Stage I reconstruction"}.get(extra_row, f" {extra_row}")
+        suffix = {
+            "": f", ensemble of {ensemble}" if ensemble > 1 and base in MOLF_VARIANTS else "",
+            "1draw": ", one draw",
+            "stage1": ", Stage I reconstruction",
+            "member": ", its first member alone",
+        }.get(extra_row, f" {extra_row}")
         label = METHOD_LABELS.get(base, base) + suffix
         print(f"| {label} | " + " | ".join(cells) + f" | {fit:.1f} | {pred_cell} |")
 
@@ -264,6 +287,8 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
                 rows = [method]
                 if args.stage_one and method in MOLF_VARIANTS:
                     rows += [f"{method}_1draw", f"{method}_stage1"]
+                if args.ensemble > 1 and method in MOLF_VARIANTS:
+                    rows.append(f"{method}_member")
                 for row in rows:
                     vals = score(sdata, row)
                     for (gs, m), v in vals.items():
@@ -443,6 +468,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         metavar="KEY=VALUE",
         help="MoLF setting for every MoLF variant (as `histoflow fit --set`), e.g. --set cond_dim=128; repeatable",
     )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="N",
+        help="MoLF rows average the predictions of N models trained with seeds --seed … --seed + N − 1 (fit time: "
+        "their sum); a second row scores the first model alone",
+    )
     p.add_argument("--vae-extra", action="store_true", help="train Stage I also on the count-only sections")
     p.add_argument(
         "--stage-one",
@@ -461,6 +494,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--features", help="HEST-Bench embedding root (<features>/<TASK>/<encoder>/fp32/<id>.h5)")
     args = p.parse_args(argv)
     args.molf_config, args.molf_train = _parse_settings(p, args.set, "molf")
+    if args.ensemble < 1:
+        p.error(f"argument --ensemble: must be at least 1, got {args.ensemble}")
+    if args.ensemble > 1 and args.stage_one:
+        p.error("argument --stage-one: not with --ensemble (it describes one model); drop one of them")
     if args.quick:
         args.folds = args.folds or [0, 1]
         args.panels = ["hvg50"]
@@ -474,11 +511,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     t = time.perf_counter()
     results = run_hest_bench(args) if args.hest_bench else run_her2st(args)
     for panel in dict.fromkeys(results["panel"]):
+        n_folds = results["fold"].nunique()
         print_table(
-            results, panel, "all", f"### {panel}: all panel genes (mean ± std over {results['fold'].nunique()} folds)"
+            results, panel, "all", f"### {panel}: all panel genes (mean ± std over {n_folds} folds)", args.ensemble
         )
         for gs in sorted(g for g in set(results.loc[results["panel"] == panel, "gene_set"]) if g.startswith("tier:")):
-            print_table(results, panel, gs, f"### {panel}: Hallmark variance {gs}")
+            print_table(results, panel, gs, f"### {panel}: Hallmark variance {gs}", args.ensemble)
     print(
         f"\nTotal {time.perf_counter() - t:.0f} s. Command: python benchmarks/her2st.py {' '.join(argv or [])}".rstrip()
     )

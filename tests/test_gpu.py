@@ -128,3 +128,35 @@ def test_scvi_latent_on_gpu():
     small = {k: v for k, v in MOLF_SMALL.items() if not k.startswith("vae_")}
     model = _fit_on_gpu(a, 2, latent="scvi", scvi_epochs=2, **small)
     np.testing.assert_allclose(_predict(model, a, "cuda"), _predict(model, a, "cpu"), rtol=1e-3, atol=1e-3)
+
+
+def test_ema_average_stays_on_the_gpu_and_molf_trains_with_it():
+    from histoflow.models._baselines import _MLPModule
+    from histoflow.models._train import EMAWeightsCallback, fit_module, seed_everything, tensor_loaders
+
+    seen: list[set[str]] = []
+
+    class Probe(EMAWeightsCallback):
+        def on_train_end(self, trainer, pl_module):
+            seen.append({p.device.type for p in self._average.parameters()})
+            super().on_train_end(trainer, pl_module)
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(96, 6)).astype(np.float32)
+    Y = (X[:, :3] * 2 + 1).astype(np.float32)
+    M = np.ones_like(Y, dtype=bool)
+    seed_everything(0)
+    module = _MLPModule(6, 3, hidden_dims=(16,), dropout=0.0, lr=1e-2)
+    train, val = tensor_loaders([X[:64], Y[:64], M[:64]], [X[64:], Y[64:], M[64:]], batch_size=16, seed=0)
+    fit_module(
+        module, train, val, max_epochs=2, accelerator="gpu", devices=1, callbacks=[Probe(0.9)],
+        enable_progress_bar=False,
+    )  # fmt: skip
+    assert seen == [{"cuda"}]  # no copy to the host at every step
+    a = molf_table()
+    model = hf.tl.fit_molf(
+        a, embedding_key="X_feat", max_epochs=3, batch_size=64, accelerator="gpu", devices=1,
+        train_kwargs={**TRAIN, "ema_decay": 0.9}, n_samples=2, **MOLF_SMALL,
+    )  # fmt: skip
+    assert {p.device.type for p in model.flow.parameters()} == {"cpu"}
+    assert np.isfinite(a.obsm["molf"].to_numpy()).all()

@@ -169,6 +169,7 @@ def test_stage_one_rows_score_one_draw_and_the_stage_one_reconstruction(tmp_path
     args = harness.argparse.Namespace(
         encoder="enc", molf_config={"cond_dim": 16, "latent_dim": 4}, molf_train={}, patience=2, epochs=2,
         batch_size=64, accelerator="cpu", select_guidance=False, n_samples=2, temperature=1.0, seed=0, stage_one=True,
+        ensemble=1,
     )  # fmt: skip
     harness.fit_method(table, "molf", args, None)
     genes = list(table.obsm["bench_molf"].columns)
@@ -187,3 +188,39 @@ def test_stage_one_rows_score_one_draw_and_the_stage_one_reconstruction(tmp_path
     assert "| MoLF (MoE, window context), Stage I reconstruction |" in out
     with pytest.raises(SystemExit, match="--stage-one applies to the HER2ST mode only"):
         harness.main(["--hest-bench", str(tmp_path / "bench"), "--features", str(tmp_path / "feats"), "--stage-one"])
+
+
+def test_ensemble_averages_models_with_consecutive_seeds(tmp_path, capsys):
+    harness = _harness()
+    _hest_bench(tmp_path / "bench", tmp_path / "feats")
+    table = harness.read_hest_bench_task(
+        tmp_path / "bench", "IDC", features=tmp_path / "feats", encoder="enc", patch_px=224
+    )
+    table.obs["split"] = pd.Categorical(np.where(table.obs["library_id"] == "TENX0", "val", "train"))
+    args = harness.argparse.Namespace(
+        encoder="enc", molf_config={"cond_dim": 16, "latent_dim": 4}, molf_train={}, patience=2, epochs=2,
+        batch_size=64, accelerator="cpu", select_guidance=False, n_samples=2, temperature=1.0, seed=3,
+        stage_one=False, ensemble=2,
+    )  # fmt: skip
+    fit_s, pred_s = harness.fit_method(table, "molf", args, None)
+    assert fit_s > 0 and pred_s > 0
+    ensemble, first = table.obsm["bench_molf"].copy(), table.obsm["bench_molf_member"].copy()
+    harness._fit_molf(table, "molf", args, None, 3)  # the members again, one at a time (same seeds, same numbers)
+    np.testing.assert_array_equal(table.obsm["bench_molf"].to_numpy(), first.to_numpy())
+    harness._fit_molf(table, "molf", args, None, 4)
+    second = table.obsm["bench_molf"]
+    assert not np.allclose(first.to_numpy(), second.to_numpy())
+    np.testing.assert_allclose(ensemble.to_numpy(), (first.to_numpy() + second.to_numpy()) / 2, rtol=1e-6)
+    results = pd.DataFrame(
+        [("C2", "hvg50", m, "all", "pcc", 0.1, 1.0, 0.1) for m in ("molf", "molf_member")],
+        columns=["fold", "panel", "method", "gene_set", "metric", "value", "fit_s", "predict_s"],
+    )
+    harness.print_table(results, "hvg50", "all", "t", ensemble=2)
+    out = capsys.readouterr().out
+    assert "| MoLF (MoE, window context), ensemble of 2 |" in out
+    assert "| MoLF (MoE, window context), its first member alone |" in out
+    refused = ((["--ensemble", "0"], "at least 1"), (["--ensemble", "2", "--stage-one"], "not with --ensemble"))
+    for argv, match in refused:
+        with pytest.raises(SystemExit):
+            harness.main(argv)
+        assert match in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from histoflow.models._train import (
+    EMAWeightsCallback,
     HistoryCallback,
     atomic_dir,
     count_devices,
@@ -223,3 +224,117 @@ def test_ddp_spawn_two_cpu_processes_returns_weights_and_history(tmp_path):
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert all(torch.equal(last["state_dict"][k], after[k]) for k in after)
     assert "HistoryCallback" in "".join(last["callbacks"])
+
+
+class _Recorder(L.Callback):
+    """The raw weights after every optimiser step (this callback runs after EMAWeightsCallback's update)."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+        self.per_epoch: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.steps.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.per_epoch.append(len(self.steps))
+
+
+def _ema_by_hand(steps, decay):
+    """torch's AveragedModel: the first update copies the weights, later ones move by (1 - decay)."""
+    avg, out = None, []
+    for w in steps:
+        if avg is None:
+            avg = {k: v.clone() for k, v in w.items()}
+        else:
+            avg = {k: decay * avg[k] + (1 - decay) * w[k] for k in w}
+        out.append(avg)
+    return out
+
+
+def test_ema_weights_are_the_moving_average_and_replace_the_raw_weights():
+    X, Y = _data()
+    seed_everything(0)
+    module, rec = _Linear(lr=0.1), _Recorder()
+    train, _ = tensor_loaders([X, Y], batch_size=40, seed=0)
+    fit_module(module, train, None, max_epochs=3, ema_decay=0.8, callbacks=[rec], accelerator="cpu", **QUIET)
+    assert len(rec.steps) == 15
+    expected = _ema_by_hand(rec.steps, 0.8)[-1]
+    got = module.state_dict()
+    for k in got:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got[k], rec.steps[-1][k])  # the average, not the last raw weights
+
+
+def test_ema_validates_and_restores_the_best_averaged_weights():
+    X, Y = _data()
+    seed_everything(0)
+    module, rec = _Linear(lr=0.1), _Recorder()
+    train, _ = tensor_loaders([X[:150], Y[:150]], batch_size=50, seed=0)
+    val = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(X[150:]), torch.from_numpy(-Y[150:])), 50
+    )
+    hist = fit_module(
+        module, train, val, max_epochs=50, patience=3, restore_best=True, ema_decay=0.5, callbacks=[rec],
+        accelerator="cpu", **QUIET,
+    )  # fmt: skip
+    averages = _ema_by_hand(rec.steps, 0.5)
+    # every epoch's validation loss is the loss of the averaged weights at the end of that epoch
+    for epoch, n in enumerate(rec.per_epoch):
+        lin = torch.nn.Linear(4, 2)
+        lin.load_state_dict({k.removeprefix("lin."): v for k, v in averages[n - 1].items()})
+        with torch.no_grad():
+            loss = float(torch.nn.functional.mse_loss(lin(torch.from_numpy(X[150:])), torch.from_numpy(-Y[150:])))
+        assert hist["val_loss"].iloc[epoch] == pytest.approx(loss, rel=1e-5)
+    # the module holds the averaged weights of the best epoch, and training continued from the raw weights
+    best = int(hist["val_loss"].idxmin())
+    for k, v in module.state_dict().items():
+        torch.testing.assert_close(v, averages[rec.per_epoch[best] - 1][k], rtol=1e-5, atol=1e-6)
+    assert len(hist) == best + 1 + 3
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.7])
+def test_resuming_from_the_last_checkpoint_gives_the_uninterrupted_run(tmp_path, ema_decay):
+    # the seeded shuffle is set to the resumed epoch (SeededSampler.set_epoch), and the average travels too
+    X, Y = _data()
+
+    def run(max_epochs, root, ckpt=None):
+        seed_everything(0)
+        module = _Linear(lr=0.1)
+        train, _ = tensor_loaders([X, Y], batch_size=40, seed=0)
+        fit_module(
+            module, train, None, max_epochs=max_epochs, ema_decay=ema_decay, checkpoint=True, default_root_dir=root,
+            ckpt_path=ckpt, accelerator="cpu", **QUIET,
+        )  # fmt: skip
+        return module.state_dict()
+
+    straight = run(4, tmp_path / "a")
+    run(2, tmp_path / "b")
+    last = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    states = [v for k, v in last["callbacks"].items() if "EMAWeightsCallback" in k]
+    assert len(states) == (ema_decay is not None)
+    if ema_decay is not None:  # the average travels in the callback's state; the module's own weights are the raw ones
+        assert "average" in states[0]
+        assert not all(torch.equal(states[0]["average"][f"module.{k}"], v) for k, v in last["state_dict"].items())
+    resumed = run(4, tmp_path / "b", ckpt=tmp_path / "b" / "checkpoints" / "last.ckpt")
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k])
+
+
+def test_make_trainer_places_the_average_between_best_weights_and_checkpoints(tmp_path):
+    trainer, _ = make_trainer(
+        max_epochs=2, accelerator="cpu", restore_best=True, ema_decay=0.9, checkpoint=True, default_root_dir=tmp_path
+    )
+    names = [type(c).__name__ for c in trainer.callbacks]
+    assert names.index("BestWeightsCallback") < names.index("EMAWeightsCallback") < names.index("ModelCheckpoint")
+    ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeightsCallback))
+    assert ema.decay == 0.9 and not ema.copy_at_end  # the best averaged weights are restored instead
+    trainer, _ = make_trainer(max_epochs=2, accelerator="cpu", has_val=False, restore_best=True, ema_decay=0.9)
+    assert next(c for c in trainer.callbacks if isinstance(c, EMAWeightsCallback)).copy_at_end
+    assert "EMAWeightsCallback" not in {type(c).__name__ for c in make_trainer(max_epochs=2)[0].callbacks}
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, 2, "fast", float("nan")])
+def test_ema_decay_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match="ema_decay"):
+        make_trainer(max_epochs=2, ema_decay=bad)

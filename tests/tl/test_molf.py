@@ -132,6 +132,22 @@ def test_endpoint_prediction_trains_saves_and_loads(tmp_path):
         MoLF(a, embedding_key="X_feat", prediction="noise")
 
 
+def test_ema_decay_averages_stage_two_only_and_is_checked_before_training():
+    a = _table()
+    kw = {"batch_size": 64, "accelerator": "cpu", "devices": 1, **TRAIN}
+    plain = MoLF(a, embedding_key="X_feat", **SMALL).train(3, **kw)
+    ema = MoLF(a, embedding_key="X_feat", **SMALL).train(3, ema_decay=0.9, **kw)
+    # Stage I trains as before (same seed, same weights); Stage II keeps the average instead of the raw weights
+    assert all(torch.equal(v, ema.vae.state_dict()[k]) for k, v in plain.vae.state_dict().items())
+    assert not all(torch.equal(v, ema.flow.state_dict()[k]) for k, v in plain.flow.state_dict().items())
+    assert np.isfinite(ema.history["flow"]["val_loss"]).all()
+    assert np.isfinite(ema.predict(a, seed=0)["mean"]).all()
+    fresh = MoLF(a, embedding_key="X_feat", **SMALL)
+    with pytest.raises(ValueError, match="ema_decay"):
+        fresh.train(3, ema_decay=1.0, **kw)
+    assert not fresh.is_trained and not fresh.history
+
+
 def test_predict_image_only_slide_and_unknown_type(fitted):
     a, model = fitted
     img = AnnData(obs=a.obs[["library_id", "cancer_type", "pixel_size_um"]].iloc[:36].copy())

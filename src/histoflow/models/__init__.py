@@ -29,6 +29,7 @@ _LAZY: dict[str, str] = {
     "make_trainer": "histoflow.models._train",
     "fit_module": "histoflow.models._train",
     "HistoryCallback": "histoflow.models._train",
+    "EMAWeightsCallback": "histoflow.models._train",
     "seed_everything": "histoflow.models._train",
     "tensor_loaders": "histoflow.models._train",
     "SeededSampler": "histoflow.models._train",

@@ -30,7 +30,7 @@ from histoflow.models._data import (
 )
 from histoflow.models._flow import PREDICTIONS, LatentFlow
 from histoflow.models._scvi import ScviLatent, check_full_panel, fit_scvi, import_scvi, panel_counts
-from histoflow.models._train import SeededSampler, atomic_dir, fit_module, seed_everything
+from histoflow.models._train import SeededSampler, atomic_dir, check_ema_decay, fit_module, seed_everything
 from histoflow.models._vae import GeneVAE
 from histoflow.models._velocity import ConditionEncoder, VelocityField
 
@@ -486,6 +486,7 @@ class MoLF:
         gate_lr: float | None = None,
         vae_lr: float = 1e-3,
         weight_decay: float = 0.01,
+        ema_decay: float | None = None,
         accelerator: str = "auto",
         devices: int | str | Sequence[int] = "auto",
         strategy: str | None = None,
@@ -521,6 +522,12 @@ class MoLF:
             Learning rate of Stage I (the VAE, or scvi's training plan).
         weight_decay
             AdamW weight decay.
+        ema_decay
+            Keep an exponential moving average of Stage II's weights with this decay per step (e.g. 0.99: about the
+            last 100 steps) and use it for validation, early stopping and prediction; common practice for flow and
+            diffusion models, not part of the MoLF paper. Choose it against the steps per epoch: with long averages
+            early stopping waits for the average (on HER2ST, about 9 steps per epoch, 0.999 trained about three
+            times as long as no average). None (default): the raw weights.
         accelerator, devices, strategy, num_nodes
             Passed to :class:`lightning.pytorch.Trainer` (``strategy`` defaults to ``ddp_notebook`` in Jupyter and
             ``ddp_spawn`` elsewhere when several devices are used).
@@ -546,6 +553,8 @@ class MoLF:
         The model itself.
         """
         cfg = self.config
+        if ema_decay is not None:
+            check_ema_decay(ema_decay)
         extra = None
         if vae_extra is not None:
             if cfg.latent != "vae":
@@ -634,7 +643,9 @@ class MoLF:
         flow_mod = _FlowModule(self.flow, self._decoder(), cfg, lr, gate_lr or lr / 5, weight_decay)
         flow_train = _loader(n_tr, _Subset(arrays, 0, nbr, off), batch_size, True, seed)
         flow_val = _loader(len(va), _Subset(arrays, n_tr, nbr, off), batch_size, False, seed) if va.size else None
-        self.history["flow"] = self._fit(flow_mod, flow_train, flow_val, max_epochs, stage_dir("flow"), resume, common)
+        self.history["flow"] = self._fit(
+            flow_mod, flow_train, flow_val, max_epochs, stage_dir("flow"), resume, {**common, "ema_decay": ema_decay}
+        )
         self.flow = flow_mod.flow.cpu().eval()
         self.is_trained = True
         self._train_libraries = self._libraries_by_split(adata, split)

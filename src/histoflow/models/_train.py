@@ -53,6 +53,7 @@ __all__ = [
     "fit_module",
     "HistoryCallback",
     "BestWeightsCallback",
+    "EMAWeightsCallback",
     "seed_everything",
     "tensor_loaders",
     "SeededSampler",
@@ -159,12 +160,17 @@ class SeededSampler(torch.utils.data.RandomSampler):
     data_source
         The dataset (only its length is used).
     seed
-        Seed of the first pass; pass ``k`` uses ``seed + k``.
+        Seed of the first pass; pass ``k`` uses ``seed + k``. Lightning calls :meth:`set_epoch` before every
+        training epoch, so a run resumed from a checkpoint draws the same orders as an uninterrupted one.
     """
 
     def __init__(self, data_source: Any, seed: int):
         super().__init__(data_source)
         self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass the one of ``epoch`` (0-based)."""
+        self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -400,6 +406,94 @@ class BestWeightsCallback(Callback):
             )
 
 
+def check_ema_decay(decay: float) -> float:
+    """``decay`` as a float in (0, 1), or a :class:`ValueError` naming ``ema_decay``."""
+    try:
+        value = float(decay)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"`ema_decay` must be in (0, 1) (e.g. 0.999), got {decay!r}; or None for no averaging.")
+    return value
+
+
+class EMAWeightsCallback(Callback):
+    """Exponential moving average (EMA) of the weights, validated and returned in place of the raw weights.
+
+    The first optimiser step copies the weights; after every later step the average moves towards them,
+    ``avg ← decay · avg + (1 − decay) · w`` (torch's ``AveragedModel`` with ``get_ema_multi_avg_fn``; buffers are
+    averaged too). Validation runs on the averaged
+    weights, so early stopping and ``BestWeightsCallback`` (placed before this callback) see and keep them;
+    training continues from the raw weights. At the end of training the average replaces the weights unless
+    ``copy_at_end=False`` (set when ``BestWeightsCallback`` restores the best averaged weights instead). The
+    average is saved with the callback's state in checkpoints, so ``resume`` continues it.
+
+    Parameters
+    ----------
+    decay
+        Weight of the old average at each step, in (0, 1); the average spans about ``1 / (1 − decay)`` steps.
+    copy_at_end
+        Load the final average into the module when training ends.
+    """
+
+    def __init__(self, decay: float, *, copy_at_end: bool = True):
+        super().__init__()
+        self.decay, self.copy_at_end = check_ema_decay(decay), copy_at_end
+        self._average: torch.optim.swa_utils.AveragedModel | None = None
+        self._pending: dict[str, Any] | None = None
+        self._swapped = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # here, not in `setup`: the module is on its device by now, so the average lives there too
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self._average = AveragedModel(pl_module, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        if self._pending is not None:
+            self._average.load_state_dict(self._pending)
+            self._pending = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._average is not None:
+            self._average.update_parameters(pl_module)
+
+    def _swap(self, pl_module: L.LightningModule) -> None:
+        assert self._average is not None
+        mine = list(self._average.module.parameters()) + list(self._average.module.buffers())
+        theirs = list(pl_module.parameters()) + list(pl_module.buffers())
+        with torch.no_grad():
+            for a, b in zip(mine, theirs):
+                tmp = a.detach().clone()
+                a.copy_(b)
+                b.copy_(tmp)
+        self._swapped = not self._swapped
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average is not None and not self._swapped:
+            self._swap(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._swapped:  # after BestWeightsCallback has copied the averaged weights, before checkpoints are saved
+            self._swap(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._swapped:
+            self._swap(pl_module)
+        if self.copy_at_end and self._average is not None:
+            pl_module.load_state_dict(self._average.module.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._average is None else {"average": self._average.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        average = state_dict.get("average")
+        if average is None:
+            return
+        if self._average is None:
+            self._pending = average
+        else:
+            self._average.load_state_dict(average)
+
+
 def make_trainer(
     *,
     max_epochs: int,
@@ -414,6 +508,7 @@ def make_trainer(
     mode: Literal["min", "max"] = "min",
     min_delta: float = 0.0,
     restore_best: bool = False,
+    ema_decay: float | None = None,
     enable_progress_bar: bool = True,
     default_root_dir: str | Path | None = None,
     checkpoint: bool = False,
@@ -452,6 +547,9 @@ def make_trainer(
         Smallest change that counts as an improvement.
     restore_best
         Load the weights of the best epoch (by ``monitor``) at the end of training (``BestWeightsCallback``).
+    ema_decay
+        Train with an exponential moving average of the weights (:class:`~histoflow.models.EMAWeightsCallback`):
+        validation, the best weights and the returned module use the average. None: no averaging.
     enable_progress_bar
         Show Lightning's progress bar.
     default_root_dir
@@ -492,6 +590,8 @@ def make_trainer(
             )
     if restore_best and can_monitor:
         cbs.append(BestWeightsCallback(monitor=monitor, mode=mode))
+    if ema_decay is not None:  # after BestWeightsCallback, before ModelCheckpoint (see EMAWeightsCallback)
+        cbs.append(EMAWeightsCallback(ema_decay, copy_at_end=not (restore_best and can_monitor)))
     if checkpoint:
         root = Path(default_root_dir) if default_root_dir is not None else Path.cwd()
         cbs.append(
