@@ -59,3 +59,18 @@ def molf_table(seed: int = 0, n_per_slide: int = 36, n_genes: int = 12) -> AnnDa
         a.obs[c] = a.obs[c].astype("category")
     hf.pp.normalize(a)
     return a
+
+
+def tiny_mlp_fit():
+    """The MLP baseline's Lightning module (6 → 3, seeded) and its train/validation loaders (64 + 32 rows)."""
+    from histoflow.models._baselines import _MLPModule
+    from histoflow.models._train import seed_everything, tensor_loaders
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(96, 6)).astype(np.float32)
+    Y = (X[:, :3] * 2 + 1).astype(np.float32)
+    M = np.ones_like(Y, dtype=bool)
+    seed_everything(0)
+    module = _MLPModule(6, 3, hidden_dims=(16,), dropout=0.0, lr=1e-2)
+    train, val = tensor_loaders([X[:64], Y[:64], M[:64]], [X[64:], Y[64:], M[64:]], batch_size=16, seed=0)
+    return module, train, val

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _model_data import MOLF_SMALL, molf_table
+from _model_data import MOLF_SMALL, molf_table, tiny_mlp_fit
 
 import histoflow as hf
 
@@ -131,8 +131,7 @@ def test_scvi_latent_on_gpu():
 
 
 def test_ema_average_stays_on_the_gpu_and_molf_trains_with_it():
-    from histoflow.models._baselines import _MLPModule
-    from histoflow.models._train import EMAWeightsCallback, fit_module, seed_everything, tensor_loaders
+    from histoflow.models._train import EMAWeightsCallback, fit_module
 
     seen: list[set[str]] = []
 
@@ -141,13 +140,7 @@ def test_ema_average_stays_on_the_gpu_and_molf_trains_with_it():
             seen.append({p.device.type for p in self._average.parameters()})
             super().on_train_end(trainer, pl_module)
 
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(96, 6)).astype(np.float32)
-    Y = (X[:, :3] * 2 + 1).astype(np.float32)
-    M = np.ones_like(Y, dtype=bool)
-    seed_everything(0)
-    module = _MLPModule(6, 3, hidden_dims=(16,), dropout=0.0, lr=1e-2)
-    train, val = tensor_loaders([X[:64], Y[:64], M[:64]], [X[64:], Y[64:], M[64:]], batch_size=16, seed=0)
+    module, train, val = tiny_mlp_fit()
     fit_module(
         module, train, val, max_epochs=2, accelerator="gpu", devices=1, callbacks=[Probe(0.9)],
         enable_progress_bar=False,

@@ -159,7 +159,8 @@ def test_hest_bench_mode_trains_molf(tmp_path, capsys):
     assert "| MoLF (MoE, window context) |" in capsys.readouterr().out
 
 
-def test_stage_one_rows_score_one_draw_and_the_stage_one_reconstruction(tmp_path, capsys):
+def _fit_setup(tmp_path, **overrides):
+    """The harness, a tiny HEST-Bench table with a validation sample, and fit_method's arguments (tiny MoLF)."""
     harness = _harness()
     _hest_bench(tmp_path / "bench", tmp_path / "feats")
     table = harness.read_hest_bench_task(
@@ -168,9 +169,15 @@ def test_stage_one_rows_score_one_draw_and_the_stage_one_reconstruction(tmp_path
     table.obs["split"] = pd.Categorical(np.where(table.obs["library_id"] == "TENX0", "val", "train"))
     args = harness.argparse.Namespace(
         encoder="enc", molf_config={"cond_dim": 16, "latent_dim": 4}, molf_train={}, patience=2, epochs=2,
-        batch_size=64, accelerator="cpu", select_guidance=False, n_samples=2, temperature=1.0, seed=0, stage_one=True,
-        ensemble=1,
+        batch_size=64, accelerator="cpu", select_guidance=False, n_samples=2, temperature=1.0, seed=0,
+        stage_one=False, ensemble=1,
     )  # fmt: skip
+    vars(args).update(overrides)
+    return harness, table, args
+
+
+def test_stage_one_rows_score_one_draw_and_the_stage_one_reconstruction(tmp_path, capsys):
+    harness, table, args = _fit_setup(tmp_path, stage_one=True)
     harness.fit_method(table, "molf", args, None)
     genes = list(table.obsm["bench_molf"].columns)
     for key in ("bench_molf_1draw", "bench_molf_stage1"):
@@ -191,17 +198,7 @@ def test_stage_one_rows_score_one_draw_and_the_stage_one_reconstruction(tmp_path
 
 
 def test_ensemble_averages_models_with_consecutive_seeds(tmp_path, capsys):
-    harness = _harness()
-    _hest_bench(tmp_path / "bench", tmp_path / "feats")
-    table = harness.read_hest_bench_task(
-        tmp_path / "bench", "IDC", features=tmp_path / "feats", encoder="enc", patch_px=224
-    )
-    table.obs["split"] = pd.Categorical(np.where(table.obs["library_id"] == "TENX0", "val", "train"))
-    args = harness.argparse.Namespace(
-        encoder="enc", molf_config={"cond_dim": 16, "latent_dim": 4}, molf_train={}, patience=2, epochs=2,
-        batch_size=64, accelerator="cpu", select_guidance=False, n_samples=2, temperature=1.0, seed=3,
-        stage_one=False, ensemble=2,
-    )  # fmt: skip
+    harness, table, args = _fit_setup(tmp_path, seed=3, ensemble=2)
     fit_s, pred_s = harness.fit_method(table, "molf", args, None)
     assert fit_s > 0 and pred_s > 0
     ensemble, first = table.obsm["bench_molf"].copy(), table.obsm["bench_molf_member"].copy()

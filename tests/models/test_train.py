@@ -6,6 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from _model_data import tiny_mlp_fit
 
 from histoflow.models._train import (
     EMAWeightsCallback,
@@ -200,17 +201,9 @@ def test_atomic_dir(tmp_path):
 
 
 def test_ddp_spawn_two_cpu_processes_returns_weights_and_history(tmp_path):
-    # the module must be importable in the spawned processes: use the MLP baseline's module
-    from histoflow.models._baselines import _MLPModule
-
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(96, 6)).astype(np.float32)
-    Y = (X[:, :3] * 2 + 1).astype(np.float32)
-    M = np.ones_like(Y, dtype=bool)
-    seed_everything(0)
-    module = _MLPModule(6, 3, hidden_dims=(16,), dropout=0.0, lr=1e-2)
+    # the module must be importable in the spawned processes: the MLP baseline's module
+    module, train, val = tiny_mlp_fit()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    train, val = tensor_loaders([X[:64], Y[:64], M[:64]], [X[64:], Y[64:], M[64:]], batch_size=16, seed=0)
     hist = fit_module(
         module, train, val, max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_spawn", early_stopping=False,
         checkpoint=True, default_root_dir=tmp_path, **QUIET,
