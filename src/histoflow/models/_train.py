@@ -413,7 +413,7 @@ def check_ema_decay(decay: float) -> float:
     except (TypeError, ValueError):
         value = math.nan
     if not 0.0 < value < 1.0:
-        raise ValueError(f"`ema_decay` must be in (0, 1) (e.g. 0.999), got {decay!r}; or None for no averaging.")
+        raise ValueError(f"`ema_decay` must be in (0, 1) (e.g. 0.99), got {decay!r}; or None for no averaging.")
     return value
 
 
@@ -422,11 +422,11 @@ class EMAWeightsCallback(Callback):
 
     The first optimiser step copies the weights; after every later step the average moves towards them,
     ``avg ← decay · avg + (1 − decay) · w`` (torch's ``AveragedModel`` with ``get_ema_multi_avg_fn``; buffers are
-    averaged too). Validation runs on the averaged
-    weights, so early stopping and ``BestWeightsCallback`` (placed before this callback) see and keep them;
-    training continues from the raw weights. At the end of training the average replaces the weights unless
-    ``copy_at_end=False`` (set when ``BestWeightsCallback`` restores the best averaged weights instead). The
-    average is saved with the callback's state in checkpoints, so ``resume`` continues it.
+    averaged too). Validation runs on the averaged weights, so early stopping and ``BestWeightsCallback`` (placed
+    before this callback) see and keep them; training continues from the raw weights. At the end of training the
+    average replaces the weights unless ``copy_at_end=False`` (set when ``BestWeightsCallback`` restores the best
+    averaged weights instead). Checkpoints hold the raw weights and, in the callback's state, the average, so
+    ``resume`` continues both.
 
     Parameters
     ----------
