@@ -3,8 +3,9 @@
     python benchmarks/her2st.py [--path ../shared/data/her2st] [--sections C2 C3 C4 C5 C6]
                                 [--methods molf dense mlp ridge] [--panels hvg50 hallmark] [--epochs 200]
                                 [--dihedral] [--context-um 224] [--scale-features none|slide]
-                                [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--ensemble N] [--vae-extra]
-                                [--quick] [--threads 2] [--accelerator cpu|gpu] [--stage-one] [--csv results.csv]
+                                [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
+                                [--ensemble N [--shared-stage-one]] [--quick] [--threads 2] [--accelerator cpu|gpu]
+                                [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
 
 HER2ST mode (DESIGN.md "Targets on real data"): the sections with an H&E image (C2–C6, patient C) are read with
@@ -23,7 +24,8 @@ With ``--vae-extra``, MoLF's Stage I (the gene VAE) is also trained on the 25 co
 patients (expression only; Stage II sees only the training sections). MoLF variants choose their guidance scale by
 filter-and-rank on the validation section and predict the mean of ``--n-samples`` draws (``--temperature 0``: the
 deterministic draw from the prior mean; ``--n-samples 1`` is then enough); ``--ensemble N`` averages the predictions of
-N MoLF models trained with consecutive seeds. Every method is scored on the test section
+N MoLF models trained with consecutive seeds (``--shared-stage-one``: the later ones train only Stage II, on the first
+model's Stage I). Every method is scored on the test section
 with ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC,
 SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA,
 ARI/NMI against the domains of the truth). Values are mean ± std over the folds; times are per fold (fit and
@@ -184,9 +186,11 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
         return time.perf_counter() - t, np.nan
     table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata  # HEST-Bench mode passes the table
     fit_s = pred_s = 0.0
-    members = []
+    members, first = [], None
     for i in range(args.ensemble):  # --ensemble N: N models with seeds seed, seed + 1, ...; their predictions averaged
-        model, f, p = _fit_molf(sdata, method, args, extra, args.seed + i)
+        shared = first if args.shared_stage_one else None  # --shared-stage-one: later members reuse the first's Stage I
+        model, f, p = _fit_molf(sdata, method, args, extra, args.seed + i, stage_one=shared)
+        first = model if first is None else first
         fit_s, pred_s = fit_s + f, pred_s + p
         members.append(table.obsm[key].copy())
     if args.ensemble > 1:
@@ -200,15 +204,18 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
     return fit_s, pred_s
 
 
-def _fit_molf(sdata, method: str, args: argparse.Namespace, extra, seed: int):
-    """One MoLF variant fitted with ``seed``, guidance chosen, predictions in ``obsm``; (model, fit s, predict s)."""
+def _fit_molf(sdata, method: str, args: argparse.Namespace, extra, seed: int, stage_one=None):
+    """One MoLF variant fitted with ``seed`` (on ``stage_one``'s Stage I if given), guidance chosen, predictions in
+    ``obsm``; (model, fit s, predict s)."""
     key = f"bench_{method}"
     t = time.perf_counter()
     cfg = {**MOLF_VARIANTS[method], **args.molf_config}
     train_kwargs = {"show_progress_bar": False, "patience": args.patience, **args.molf_train}
     table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata  # HEST-Bench mode passes the table
     model = hf.models.MoLF(table, embedding_key=f"X_{args.encoder}", **cfg, seed=seed)
-    if extra is not None and cfg.get("latent", "vae") == "vae":
+    if stage_one is not None:
+        train_kwargs["stage_one"] = stage_one
+    elif extra is not None and cfg.get("latent", "vae") == "vae":
         train_kwargs["vae_extra"] = extra
     model.train(args.epochs, batch_size=args.batch_size, accelerator=args.accelerator, devices=1, **train_kwargs)
     device = accelerator_device(args.accelerator)
@@ -476,6 +483,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         help="MoLF rows average the predictions of N models trained with seeds --seed … --seed + N − 1 (fit time: "
         "their sum); a second row scores the first model alone",
     )
+    p.add_argument(
+        "--shared-stage-one",
+        action="store_true",
+        help="with --ensemble: the models after the first train only Stage II, on the first model's Stage I "
+        "(MoLF.train(stage_one=...)); the fit time is one Stage I and N Stage IIs",
+    )
     p.add_argument("--vae-extra", action="store_true", help="train Stage I also on the count-only sections")
     p.add_argument(
         "--stage-one",
@@ -496,6 +509,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.molf_config, args.molf_train = _parse_settings(p, args.set, "molf")
     if args.ensemble < 1:
         p.error(f"argument --ensemble: must be at least 1, got {args.ensemble}")
+    if args.shared_stage_one and args.ensemble < 2:
+        p.error("argument --shared-stage-one: needs --ensemble N with N of at least 2")
     if args.ensemble > 1 and args.stage_one:
         p.error("argument --stage-one: not with --ensemble (it describes one model); drop one of them")
     if args.quick:

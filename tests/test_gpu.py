@@ -153,3 +153,22 @@ def test_ema_average_stays_on_the_gpu_and_molf_trains_with_it():
     )  # fmt: skip
     assert {p.device.type for p in model.flow.parameters()} == {"cpu"}
     assert np.isfinite(a.obsm["molf"].to_numpy()).all()
+
+
+def test_fast_dropout_is_torchs_dropout_on_the_gpu_and_shared_stage_one_trains_there():
+    from histoflow.models import MoLF
+    from histoflow.models._dropout import FastDropout
+
+    x = torch.randn(64, 26, 128, device="cuda")
+    torch.manual_seed(5)
+    ours = FastDropout(0.1).train()(x)
+    torch.manual_seed(5)
+    torchs = torch.nn.functional.dropout(x, 0.1, training=True)
+    assert ours.device.type == "cuda" and torch.equal(ours, torchs)
+    a = molf_table()
+    first = _fit_on_gpu(a, 2, **MOLF_SMALL)
+    second = MoLF(a, embedding_key="X_feat", **{**MOLF_SMALL, "seed": 1})
+    second.train(2, batch_size=64, accelerator="gpu", devices=1, stage_one=first, **TRAIN)
+    assert all(torch.equal(v, first.vae.state_dict()[k]) for k, v in second.vae.state_dict().items())
+    assert next(second.flow.parameters()).device.type == "cpu"
+    assert np.isfinite(second.predict(a, device="cuda")["mean"]).all()

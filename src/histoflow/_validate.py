@@ -114,6 +114,13 @@ def check_positive(value: float, arg: str, *, allow_zero: bool = False) -> None:
         raise ValueError(f"`{arg}` must be {'non-negative' if allow_zero else 'positive'} and finite, got {value!r}.")
 
 
+def check_dropout(value: Any, arg: str = "dropout") -> float:
+    """A dropout probability as a float; a ValueError naming ``arg`` unless it is a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) or not 0 <= value < 1:
+        raise ValueError(f"`{arg}` must be a number in [0, 1), got {value!r}.")
+    return float(value)
+
+
 def check_temperature(temperature: Any) -> float:
     """The prior-noise scale of a flow model's sampling as a float; a ValueError unless finite and at least 0."""
     if (

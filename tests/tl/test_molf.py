@@ -148,6 +148,49 @@ def test_ema_decay_averages_stage_two_only_and_is_checked_before_training():
     assert not fresh.is_trained and not fresh.history
 
 
+def test_stage_one_from_another_model_trains_stage_two_only(tmp_path, caplog):
+    a = _table()
+    kw = {"batch_size": 64, "accelerator": "cpu", "devices": 1, **TRAIN}
+    whole = MoLF(a, embedding_key="X_feat", **SMALL).train(3, **kw)
+    # the same seed on the same Stage I gives the same Stage II as the model that trained both stages
+    again = MoLF(a, embedding_key="X_feat", **SMALL).train(3, stage_one=whole, **kw)
+    for name in ("vae", "flow"):
+        ours, theirs = getattr(again, name).state_dict(), getattr(whole, name).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in ours.items()), name
+    pd.testing.assert_frame_equal(again.history["vae"], whole.history["vae"])
+    np.testing.assert_array_equal(again.predict(a, seed=1)["mean"], whole.predict(a, seed=1)["mean"])
+    # another seed and another Stage II on the shared (copied, frozen) Stage I
+    other = MoLF(a, embedding_key="X_feat", **{**SMALL, "seed": 1}, velocity="dense").train(2, stage_one=whole, **kw)
+    assert other.vae is not whole.vae and not any(p.requires_grad for p in other.vae.parameters())
+    assert all(torch.equal(v, whole.vae.state_dict()[k]) for k, v in other.vae.state_dict().items())
+    assert len(other.history["flow"]) == 2 and len(other.history["vae"]) == len(whole.history["vae"])
+    other.save(tmp_path / "m")
+    np.testing.assert_array_equal(
+        MoLF.load(tmp_path / "m", adata=a).predict(a, seed=2)["mean"], other.predict(a, seed=2)["mean"]
+    )
+    # Stage I trained on other slides: a warning names both
+    b = a.copy()
+    b.obs["split"] = b.obs["split"].cat.rename_categories({"train": "val", "val": "train"})
+    with caplog.at_level("WARNING", logger="histoflow"):
+        MoLF(b, embedding_key="X_feat", **SMALL).train(1, stage_one=whole, **kw)
+    assert "Stage I may have seen slides" in caplog.text and "'S0'" in caplog.text
+    # refusals, before anything trains
+    untrained = MoLF(a, embedding_key="X_feat", **SMALL)
+    for bad, match in [
+        (untrained, "not trained"),
+        (whole.vae, "must be a trained MoLF"),
+        (MoLF(a[:, :10].copy(), embedding_key="X_feat", **SMALL).train(1, **kw), "another panel"),
+        (MoLF(a, embedding_key="X_feat", **{**SMALL, "beta": 0.1}).train(1, **kw), r"beta=0\.1 \(here 0\.001\)"),
+    ]:
+        fresh = MoLF(a, embedding_key="X_feat", **SMALL)
+        with pytest.raises((TypeError, ValueError), match=match):
+            fresh.train(1, stage_one=bad, **kw)
+        assert not fresh.is_trained and not fresh.history
+    with pytest.raises(ValueError, match="vae_extra"):
+        untrained.train(1, stage_one=whole, vae_extra=a, **kw)
+    assert not untrained.is_trained
+
+
 def test_predict_image_only_slide_and_unknown_type(fitted):
     a, model = fitted
     img = AnnData(obs=a.obs[["library_id", "cancer_type", "pixel_size_um"]].iloc[:36].copy())
@@ -299,6 +342,12 @@ def test_bad_inputs():
     small = MoLF(a, embedding_key="X_feat", **{**SMALL, "vae_decoder_hidden": [16]})
     assert small.config.vae_decoder_hidden == (16,)
     assert [m.out_features for m in small.vae.decoder if isinstance(m, torch.nn.Linear)] == [16, a.n_vars]
+    for p in (0.0, 0.3):
+        layer = MoLF(a, embedding_key="X_feat", **SMALL, vae_dropout=p).vae.encoder.layers[0]
+        assert layer.dropout.p == layer.dropout1.p == layer.self_attn.dropout == p
+    for p in (-0.1, 1.0, "0.1"):
+        with pytest.raises(ValueError, match="vae_dropout"):
+            MoLF(a, embedding_key="X_feat", vae_dropout=p)
     m = MoLF(a, embedding_key="X_feat", **SMALL)
     with pytest.raises(RuntimeError, match="not trained"):
         m.predict(a)

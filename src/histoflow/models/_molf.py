@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from torch import nn
 from histoflow._constants import Key
 from histoflow._logging import logger
 from histoflow._utils import torch_device
-from histoflow._validate import check_choice, check_positive, check_temperature
+from histoflow._validate import check_choice, check_dropout, check_positive, check_temperature
 from histoflow.models._data import (
     Registry,
     check_compatible,
@@ -49,7 +50,7 @@ class MoLFConfig:
     Stage I: ``latent="vae"`` (default, the paper's Transformer VAE over log1p expression; ``vae_*``, ``beta``;
     ``vae_decoder_hidden`` are the hidden widths of its MLP decoder; ``vae_value_path=True`` adds a linear path from
     the values to the posterior, which reconstructs far better and keeps more structure, see
-    :class:`~histoflow.models.GeneVAE` and the HER2ST benchmark) or
+    :class:`~histoflow.models.GeneVAE` and the HER2ST benchmark; ``vae_dropout`` is the dropout of its encoder) or
     ``latent="scvi"`` (scvi-tools' :class:`~scvi.model.SCVI` on the raw counts of the panel with the slide as batch;
     ``scvi_n_hidden``, ``scvi_n_layers``, ``scvi_epochs`` (default: the Stage I
     epochs of :meth:`~histoflow.models.MoLF.train`), ``scvi_library_size`` (total count at which the decoder reports
@@ -71,6 +72,7 @@ class MoLFConfig:
     vae_max_tokens: int = 32
     vae_decoder_hidden: tuple[int, ...] = (512, 1024)
     vae_value_path: bool = False
+    vae_dropout: float = 0.1
     beta: float = 1e-3
     scvi_n_hidden: int = 128
     scvi_n_layers: int = 1
@@ -321,6 +323,7 @@ class MoLF:
         if not isinstance(self.config.vae_value_path, bool | np.bool_):
             raise TypeError(f"`vae_value_path` must be True or False, got {self.config.vae_value_path!r}.")
         self.config.vae_value_path = bool(self.config.vae_value_path)
+        self.config.vae_dropout = check_dropout(self.config.vae_dropout, "vae_dropout")
         if self.config.latent == "scvi":
             check_choice(self.config.scvi_gene_likelihood, ("zinb", "nb", "poisson"), "scvi_gene_likelihood")
             if self.config.scvi_library_size is not None:
@@ -391,6 +394,7 @@ class MoLF:
                 max_tokens=c.vae_max_tokens,
                 decoder_hidden=c.vae_decoder_hidden,
                 value_path=c.vae_value_path,
+                dropout=c.vae_dropout,
             )
         cond = ConditionEncoder(
             r.embedding_dim,
@@ -498,6 +502,7 @@ class MoLF:
         show_progress_bar: bool = True,
         seed: int | None = None,
         vae_extra: AnnData | None = None,
+        stage_one: MoLF | None = None,
     ) -> MoLF:
         """Fit Stage I (VAE, or scvi's SCVI) then Stage II (flow) on the ``train`` slides, validating on ``val`` slides.
 
@@ -547,6 +552,15 @@ class MoLF:
             More expression-only spots for Stage I (``latent="vae"``): a table with the model's ``layer`` (log1p),
             e.g. count-only sections without an image. Its spots join the VAE's training set (panel genes it lacks
             are masked, never counted as zeros); Stage II still trains on the ``train`` slides only.
+        stage_one
+            A trained MoLF whose Stage I (the frozen VAE, or scvi's SCVI) this model takes instead of training its
+            own: only Stage II trains. It must have the same panel and the same Stage I settings (``latent``,
+            ``latent_dim``, ``beta`` and every ``vae_*``/``scvi_*`` setting); Stage II settings may differ. Use it
+            to compare Stage II variants on one latent (MoE against dense, guidance, sizes), or to train several
+            Stage II models on one Stage I for a seed ensemble at less than the cost of training each whole. Stage I
+            should have been trained on the same training slides (a warning says when not). ``vae_epochs``,
+            ``vae_lr`` and ``vae_extra`` do not apply. The model's own history of Stage I is a copy of
+            ``stage_one``'s.
 
         Returns
         -------
@@ -555,6 +569,10 @@ class MoLF:
         cfg = self.config
         if ema_decay is not None:
             check_ema_decay(ema_decay)
+        if stage_one is not None:
+            self._check_stage_one(stage_one)
+            if vae_extra is not None:
+                raise ValueError("`vae_extra` trains Stage I, which `stage_one` provides; drop one of the two.")
         extra = None
         if vae_extra is not None:
             if cfg.latent != "vae":
@@ -584,12 +602,15 @@ class MoLF:
             return None if checkpoint_dir is None else Path(checkpoint_dir) / name
 
         # Stage I -------------------------------------------------------------
+        if stage_one is not None:
+            self._adopt_stage_one(stage_one, split)
         if cfg.latent == "scvi":
             # raw counts of the panel (train then val rows), checked before anything is trained
             counts, _ = panel_counts(adata, self.registry.genes, cfg.scvi_counts_layer, all_rows)
             lk = self.keys["library_key"]
             libs = adata.obs[lk].astype(str).to_numpy()[all_rows] if lk in adata.obs else np.full(len(all_rows), "0")
             check_full_panel(arrays["mask"].numpy(), libs, self.registry.genes)
+        if cfg.latent == "scvi" and stage_one is None:
             self.scvi, self.history["scvi"], self.scvi_model = fit_scvi(
                 counts[:n_tr],
                 libs[:n_tr],
@@ -609,24 +630,26 @@ class MoLF:
                 show_progress_bar=show_progress_bar,
                 seed=seed,
             )
+        if cfg.latent == "scvi":
             z1 = self.scvi.encode(counts)  # posterior means (equal to scvi's get_latent_representation)
         else:
-            vae_mod = _VAEModule(self.vae, cfg.beta, vae_lr, weight_decay)
-            x_all = {"x": arrays["x"], "mask": arrays["mask"]}
-            n_vae = n_tr
-            if extra is not None:  # train rows, then the extra spots, then the validation rows
-                x_all = {
-                    k: torch.cat([x_all[k][:n_tr], torch.from_numpy(e), x_all[k][n_tr:]]) for k, e in extra.items()
-                }
-                n_vae = n_tr + len(extra["x"])
-                logger.info("Stage I also trains on %d expression-only spots (`vae_extra`).", len(extra["x"]))
-            vae_train = _loader(n_vae, _Subset(x_all, 0), batch_size, True, seed)
-            vae_val = _loader(len(va), _Subset(x_all, n_vae), batch_size, False, seed) if va.size else None
-            self.history["vae"] = self._fit(
-                vae_mod, vae_train, vae_val, vae_epochs or max_epochs, stage_dir("vae"), resume, common
-            )
-            self.vae = vae_mod.vae.cpu().eval()
-            self.vae.requires_grad_(False)
+            if stage_one is None:
+                vae_mod = _VAEModule(self.vae, cfg.beta, vae_lr, weight_decay)
+                x_all = {"x": arrays["x"], "mask": arrays["mask"]}
+                n_vae = n_tr
+                if extra is not None:  # train rows, then the extra spots, then the validation rows
+                    x_all = {
+                        k: torch.cat([x_all[k][:n_tr], torch.from_numpy(e), x_all[k][n_tr:]]) for k, e in extra.items()
+                    }
+                    n_vae = n_tr + len(extra["x"])
+                    logger.info("Stage I also trains on %d expression-only spots (`vae_extra`).", len(extra["x"]))
+                vae_train = _loader(n_vae, _Subset(x_all, 0), batch_size, True, seed)
+                vae_val = _loader(len(va), _Subset(x_all, n_vae), batch_size, False, seed) if va.size else None
+                self.history["vae"] = self._fit(
+                    vae_mod, vae_train, vae_val, vae_epochs or max_epochs, stage_dir("vae"), resume, common
+                )
+                self.vae = vae_mod.vae.cpu().eval()
+                self.vae.requires_grad_(False)
 
             # latent targets from the frozen encoder (posterior means)
             with torch.no_grad():
@@ -650,6 +673,45 @@ class MoLF:
         self.is_trained = True
         self._train_libraries = self._libraries_by_split(adata, split)
         return self
+
+    def _check_stage_one(self, other: Any) -> None:
+        """Refuse a ``stage_one`` model this model cannot take Stage I from (before anything trains)."""
+        if not isinstance(other, MoLF):
+            raise TypeError(f"`stage_one` must be a trained MoLF model, got {type(other).__name__}.")
+        if not other.is_trained:
+            raise ValueError("`stage_one` is not trained; train it first (or drop `stage_one` to train Stage I here).")
+        if list(other.registry.genes) != list(self.registry.genes) or other.registry.layer != self.registry.layer:
+            raise ValueError(
+                f"`stage_one` was trained on another panel ({len(other.registry.genes)} genes, layer "
+                f"{other.registry.layer!r}) than this model's ({len(self.registry.genes)} genes, layer "
+                f"{self.registry.layer!r}); Stage I can only be shared between models of the same genes, in order."
+            )
+        mine, theirs = asdict(self.config), asdict(other.config)
+        differ = [k for k in STAGE_ONE_SETTINGS if mine[k] != theirs[k]]
+        if differ:
+            pairs = ", ".join(f"{k}={theirs[k]!r} (here {mine[k]!r})" for k in differ)
+            raise ValueError(
+                f"`stage_one` has other Stage I settings: {pairs}. Build this model with the same Stage I settings."
+            )
+
+    def _adopt_stage_one(self, other: MoLF, split: dict[str, np.ndarray]) -> None:
+        """Take a frozen copy of ``other``'s Stage I and of its history."""
+        theirs = getattr(other, "_train_libraries", {}).get("train")
+        mine = self._libraries_by_split(self.adata, split)["train"]
+        if theirs is not None and sorted(theirs) != sorted(mine):
+            logger.warning(
+                "`stage_one` trained Stage I on the slides %s, this model trains on %s: Stage I may have seen slides "
+                "this model validates or tests on.",
+                theirs,
+                mine,
+            )
+        for name in ("vae", "scvi"):
+            module = getattr(other, name)
+            setattr(self, name, None if module is None else copy.deepcopy(module).cpu().eval().requires_grad_(False))
+        self.scvi_model = other.scvi_model
+        for name in ("vae", "scvi"):
+            if name in other.history:
+                self.history[name] = other.history[name].copy()
 
     def _libraries_by_split(self, adata: AnnData, split: dict[str, np.ndarray]) -> dict[str, list[str]]:
         """The slides of each split (saved with the model, written to ``uns``)."""
@@ -863,6 +925,12 @@ class MoLF:
                 f"The table has {len(present)} of the model's {len(self.registry.genes)} genes; a table with other "
                 "genes cannot be used with this model (an image-only table with no panel genes can)."
             )
+
+
+#: Settings that define Stage I: a model takes Stage I from another (``train(stage_one=...)``) only if all agree.
+STAGE_ONE_SETTINGS = ("latent", "latent_dim", "beta") + tuple(
+    k for k in MoLFConfig.__dataclass_fields__ if k.startswith(("vae_", "scvi_"))
+)
 
 
 def _saved_meta(model: Any) -> dict[str, Any]:

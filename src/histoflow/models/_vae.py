@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from histoflow.models._dropout import use_fast_dropout
+
 __all__ = ["GeneVAE", "masked_mse"]
 
 
@@ -89,7 +91,7 @@ class GeneVAE(nn.Module):
         layer = nn.TransformerEncoderLayer(
             d_model, n_heads, ff_dim, dropout, activation="gelu", batch_first=True, norm_first=True
         )
-        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.encoder = use_fast_dropout(nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False))
         self.norm = nn.LayerNorm(d_model)
         self.to_stats = nn.Linear(d_model, 2 * latent_dim)
         self.value_path = nn.Linear(2 * n_genes, 2 * latent_dim) if value_path else None

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from histoflow.models._dropout import use_fast_dropout
 from histoflow.models._moe import DenseBlock, MixtureOfExperts, MLPExpert, TokenTransformerExpert
 
 __all__ = ["ConditionEncoder", "VelocityField", "timestep_embedding", "sinusoidal_2d"]
@@ -86,7 +87,7 @@ class ConditionEncoder(nn.Module):
             layer = nn.TransformerEncoderLayer(
                 cond_dim, n_heads, 2 * cond_dim, dropout, activation="gelu", batch_first=True, norm_first=True
             )
-            self.context = nn.TransformerEncoder(layer, context_layers, enable_nested_tensor=False)
+            self.context = use_fast_dropout(nn.TransformerEncoder(layer, context_layers, enable_nested_tensor=False))
             self.context_norm = nn.LayerNorm(cond_dim)
         elif spatial_context == "graph":
             from histoflow.models._graph import GraphContextEncoder
@@ -96,8 +97,14 @@ class ConditionEncoder(nn.Module):
             if not (isinstance(context_radius_um, (int, float)) and 0 < context_radius_um < float("inf")):
                 raise ValueError(f"`context_radius_um` must be a positive number of µm, got {context_radius_um!r}.")
             # every pair of a window lies within twice the context radius
-            self.context = GraphContextEncoder(
-                cond_dim, n_heads=n_heads, n_layers=graph_layers, max_distance_um=2 * context_radius_um, dropout=dropout
+            self.context = use_fast_dropout(
+                GraphContextEncoder(
+                    cond_dim,
+                    n_heads=n_heads,
+                    n_layers=graph_layers,
+                    max_distance_um=2 * context_radius_um,
+                    dropout=dropout,
+                )
             )
         elif spatial_context is not None:
             raise ValueError(f"`spatial_context` must be 'window', 'graph' or None, got {spatial_context!r}.")
