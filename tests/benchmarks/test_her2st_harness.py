@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -170,7 +171,7 @@ def _fit_setup(tmp_path, **overrides):
     args = harness.argparse.Namespace(
         encoder="enc", molf_config={"cond_dim": 16, "latent_dim": 4}, molf_train={}, patience=2, epochs=2,
         batch_size=64, accelerator="cpu", select_guidance=False, n_samples=2, temperature=1.0, seed=0,
-        stage_one=False, ensemble=1,
+        stage_one=False, ensemble=1, shared_stage_one=False,
     )  # fmt: skip
     vars(args).update(overrides)
     return harness, table, args
@@ -216,8 +217,31 @@ def test_ensemble_averages_models_with_consecutive_seeds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| MoLF (MoE, window context), ensemble of 2 |" in out
     assert "| MoLF (MoE, window context), its first member alone |" in out
-    refused = ((["--ensemble", "0"], "at least 1"), (["--ensemble", "2", "--stage-one"], "not with --ensemble"))
+    refused = (
+        (["--ensemble", "0"], "at least 1"),
+        (["--ensemble", "2", "--stage-one"], "not with --ensemble"),
+        (["--shared-stage-one"], "needs --ensemble N with N of at least 2"),
+    )
     for argv, match in refused:
         with pytest.raises(SystemExit):
             harness.main(argv)
         assert match in capsys.readouterr().err
+
+
+def test_shared_stage_one_trains_later_members_on_the_first_models_stage_one(tmp_path, monkeypatch):
+    harness, table, args = _fit_setup(tmp_path, seed=3, ensemble=3, shared_stage_one=True)
+    calls, fit = [], harness._fit_molf
+
+    def recording(*a, stage_one=None, **kw):
+        model, f, p = fit(*a, stage_one=stage_one, **kw)
+        calls.append((a[-1], stage_one, model))
+        return model, f, p
+
+    monkeypatch.setattr(harness, "_fit_molf", recording)
+    harness.fit_method(table, "molf", args, None)
+    (s0, shared0, first), (s1, shared1, second), (s2, shared2, third) = calls
+    assert (s0, s1, s2) == (3, 4, 5) and shared0 is None and shared1 is first and shared2 is first
+    for later in (second, third):  # a frozen copy of the first model's Stage I; their own Stage II
+        assert later.vae is not first.vae
+        assert all(torch.equal(v, first.vae.state_dict()[k]) for k, v in later.vae.state_dict().items())
+        assert not torch.equal(next(later.flow.parameters()), next(first.flow.parameters()))
