@@ -25,8 +25,8 @@ patients (expression only; Stage II sees only the training sections). MoLF varia
 filter-and-rank on the validation section and predict the mean of ``--n-samples`` draws (``--temperature 0``: the
 deterministic draw from the prior mean; ``--n-samples 1`` is then enough); ``--ensemble N`` averages the predictions of
 N MoLF models trained with consecutive seeds (``--shared-stage-one``: the later ones train only Stage II, on the first
-model's Stage I). Every method is scored on the test section
-with ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC,
+model's Stage I); each MoLF fit prints the training time and epochs of its stages. Every method is scored on the test
+section with ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC,
 SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA,
 ARI/NMI against the domains of the truth). Values are mean ± std over the folds; times are per fold (fit and
 predict; the features are shared and timed once).
@@ -218,6 +218,7 @@ def _fit_molf(sdata, method: str, args: argparse.Namespace, extra, seed: int, st
     elif extra is not None and cfg.get("latent", "vae") == "vae":
         train_kwargs["vae_extra"] = extra
     model.train(args.epochs, batch_size=args.batch_size, accelerator=args.accelerator, devices=1, **train_kwargs)
+    print(f"    {method} (seed {seed}): {_stage_times(model, shared=stage_one is not None)}", flush=True)
     device = accelerator_device(args.accelerator)
     if args.select_guidance:  # MoLF's appendix C: filter-and-rank on the validation section
         hf.tl.select_guidance(
@@ -228,6 +229,18 @@ def _fit_molf(sdata, method: str, args: argparse.Namespace, extra, seed: int, st
     t = time.perf_counter()
     hf.tl.predict(model, sdata, n_samples=args.n_samples, temperature=args.temperature, device=device, key_added=key)
     return model, fit_s, time.perf_counter() - t
+
+
+def _stage_times(model, shared: bool) -> str:
+    """Seconds and epochs of each stage's training loop, from the model's history (Lightning's setup not counted)."""
+    parts = []
+    for label, key in (("Stage I", "scvi" if model.config.latent == "scvi" else "vae"), ("Stage II", "flow")):
+        h = model.history.get(key)
+        if label == "Stage I" and shared:
+            parts.append("Stage I shared")
+        elif h is not None and "time_s" in h and len(h):
+            parts.append(f"{label} {h['time_s'].iloc[-1]:.1f} s ({len(h)} epochs)")
+    return ", ".join(parts)
 
 
 def score(sdata, method: str, split: str = "test") -> dict[str, float]:

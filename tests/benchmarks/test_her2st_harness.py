@@ -228,7 +228,7 @@ def test_ensemble_averages_models_with_consecutive_seeds(tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
-def test_shared_stage_one_trains_later_members_on_the_first_models_stage_one(tmp_path, monkeypatch):
+def test_shared_stage_one_trains_later_members_on_the_first_models_stage_one(tmp_path, monkeypatch, capsys):
     harness, table, args = _fit_setup(tmp_path, seed=3, ensemble=3, shared_stage_one=True)
     calls, fit = [], harness._fit_molf
 
@@ -245,3 +245,8 @@ def test_shared_stage_one_trains_later_members_on_the_first_models_stage_one(tmp
         assert later.vae is not first.vae
         assert all(torch.equal(v, first.vae.state_dict()[k]) for k, v in later.vae.state_dict().items())
         assert not torch.equal(next(later.flow.parameters()), next(first.flow.parameters()))
+    # each fit prints its stages' times; the later members trained no Stage I
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "molf (seed" in ln]
+    assert len(lines) == 3 and "Stage I shared" in lines[1] and "Stage I shared" in lines[2]
+    h = first.history["vae"]
+    assert f"molf (seed 3): Stage I {h['time_s'].iloc[-1]:.1f} s ({len(h)} epochs), Stage II" in lines[0]
