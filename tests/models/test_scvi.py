@@ -223,3 +223,21 @@ def test_missing_scvi_and_bad_settings(monkeypatch):
     with pytest.raises(ImportError, match=r'pip install "histoflow\[scvi\]"'):
         MoLF(a, embedding_key="X_feat", latent="scvi")
     MoLF(a, embedding_key="X_feat", latent_dim=4)  # the default VAE does not need scvi
+
+
+def test_stage_one_takes_the_trained_scvi(fitted):
+    a, model = fitted
+    train = {"batch_size": 64, "accelerator": "cpu", "devices": 1, "show_progress_bar": False, "patience": 5}
+    other = MoLF(a, embedding_key="X_feat", **{**SMALL, "seed": 1, "velocity": "dense"})
+    other.train(2, stage_one=model, **train)
+    assert other.vae is None and other.scvi is not model.scvi and other.scvi_model is model.scvi_model
+    assert all(torch.equal(v, model.scvi.state_dict()[k]) for k, v in other.scvi.state_dict().items())
+    np.testing.assert_array_equal(other.get_latent(a), model.get_latent(a))
+    pd.testing.assert_frame_equal(other.history["scvi"], model.history["scvi"])
+    assert len(other.history["flow"]) == 2 and np.isfinite(other.predict(a)["mean"]).all()
+    vae_model = MoLF(a, embedding_key="X_feat", latent_dim=4)
+    with pytest.raises(ValueError, match=r"latent='scvi' \(here 'vae'\)"):
+        vae_model.train(1, stage_one=model, **train)
+    with pytest.raises(ValueError, match=r"scvi_n_hidden=16 \(here 32\)"):
+        MoLF(a, embedding_key="X_feat", **{**SMALL, "scvi_n_hidden": 32}).train(1, stage_one=model, **train)
+    assert not vae_model.is_trained

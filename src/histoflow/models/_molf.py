@@ -555,12 +555,12 @@ class MoLF:
         stage_one
             A trained MoLF whose Stage I (the frozen VAE, or scvi's SCVI) this model takes instead of training its
             own: only Stage II trains. It must have the same panel and the same Stage I settings (``latent``,
-            ``latent_dim``, ``beta`` and every ``vae_*``/``scvi_*`` setting); Stage II settings may differ. Use it
-            to compare Stage II variants on one latent (MoE against dense, guidance, sizes), or to train several
-            Stage II models on one Stage I for a seed ensemble at less than the cost of training each whole. Stage I
-            should have been trained on the same training slides (a warning says when not). ``vae_epochs``,
-            ``vae_lr`` and ``vae_extra`` do not apply. The model's own history of Stage I is a copy of
-            ``stage_one``'s.
+            ``latent_dim``, and ``beta`` and every ``vae_*`` setting, or every ``scvi_*`` setting); Stage II settings
+            may differ. Use it to compare Stage II variants on one latent (MoE against dense, guidance, sizes), or
+            to train several Stage II models on one Stage I for a seed ensemble at less than the cost of training
+            each whole. Stage I should have been trained on the same training slides (a warning says when not).
+            ``vae_epochs``, ``vae_lr`` and ``vae_extra`` do not apply. The model's own history of Stage I is a copy
+            of ``stage_one``'s.
 
         Returns
         -------
@@ -687,7 +687,8 @@ class MoLF:
                 f"{self.registry.layer!r}); Stage I can only be shared between models of the same genes, in order."
             )
         mine, theirs = asdict(self.config), asdict(other.config)
-        differ = [k for k in STAGE_ONE_SETTINGS if mine[k] != theirs[k]]
+        keys = STAGE_ONE_SETTINGS["common"] + STAGE_ONE_SETTINGS[theirs["latent"]]
+        differ = [k for k in keys if mine[k] != theirs[k]]
         if differ:
             pairs = ", ".join(f"{k}={theirs[k]!r} (here {mine[k]!r})" for k in differ)
             raise ValueError(
@@ -927,10 +928,13 @@ class MoLF:
             )
 
 
-#: Settings that define Stage I: a model takes Stage I from another (``train(stage_one=...)``) only if all agree.
-STAGE_ONE_SETTINGS = ("latent", "latent_dim", "beta") + tuple(
-    k for k in MoLFConfig.__dataclass_fields__ if k.startswith(("vae_", "scvi_"))
-)
+#: Settings that define Stage I (shared, then per kind of latent): a model takes Stage I from another
+#: (``train(stage_one=...)``) only if they all agree.
+STAGE_ONE_SETTINGS = {
+    "common": ("latent", "latent_dim"),
+    "vae": ("beta", *(k for k in MoLFConfig.__dataclass_fields__ if k.startswith("vae_"))),
+    "scvi": tuple(k for k in MoLFConfig.__dataclass_fields__ if k.startswith("scvi_")),
+}
 
 
 def _saved_meta(model: Any) -> dict[str, Any]:
