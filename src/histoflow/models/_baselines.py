@@ -24,7 +24,7 @@ from torch import nn
 from histoflow._constants import Key
 from histoflow._logging import logger
 from histoflow._utils import get_table
-from histoflow._validate import check_layer
+from histoflow._validate import check_dropout, check_layer
 from histoflow.models._data import Registry, check_compatible, features, panel_genes, split_rows, targets
 from histoflow.models._train import atomic_dir, fit_module, seed_everything, tensor_loaders
 
@@ -560,8 +560,7 @@ class MLPBaseline(_BaselineModel):
     ):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"`activation={activation!r}` is not valid; choose one of {sorted(_ACTIVATIONS)}.")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+        check_dropout(dropout)
         if any(int(h) < 1 for h in hidden_dims):
             raise ValueError(f"`hidden_dims` must be positive widths, got {list(hidden_dims)}.")
         super().__init__(

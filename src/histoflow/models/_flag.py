@@ -29,6 +29,7 @@ from torch import nn
 from histoflow._constants import Key
 from histoflow._logging import logger
 from histoflow._utils import torch_device
+from histoflow._validate import check_dropout
 from histoflow.models._data import (
     Registry,
     check_compatible,
@@ -535,9 +536,7 @@ class FLAG:
         if not (math.isfinite(c.lambda_align) and c.lambda_align >= 0):
             raise ValueError(f"`lambda_align` must be non-negative and finite, got {c.lambda_align!r}.")
         for name in ("p_uncond", "p_meta_drop"):
-            v = getattr(c, name)
-            if not 0 <= v < 1:
-                raise ValueError(f"`{name}` must be in [0, 1), got {v!r}.")
+            check_dropout(getattr(c, name), name)
 
     # ---------------------------------------------------------------- modules
     def _build(self, align_dim: int, target: torch.Tensor | None = None, known: torch.Tensor | None = None) -> None:

@@ -31,6 +31,8 @@ import math
 import torch
 from torch import nn
 
+from histoflow._validate import check_dropout
+
 __all__ = ["GraphContextEncoder", "gaussian_rbf"]
 
 
@@ -138,8 +140,7 @@ class GraphContextEncoder(nn.Module):
             raise ValueError(f"`dim` ({dim}) must be divisible by `n_heads` ({n_heads}); change one of them.")
         if not (math.isfinite(max_distance_um) and max_distance_um > 0):
             raise ValueError(f"`max_distance_um` must be a positive number of micrometres, got {max_distance_um!r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+        check_dropout(dropout)
         self.dim, self.n_layers = dim, n_layers
         self.register_buffer("dist_centres", torch.linspace(0.0, float(max_distance_um), n_distance_rbf))
         self.register_buffer("sim_centres", torch.linspace(-1.0, 1.0, n_similarity_rbf))
