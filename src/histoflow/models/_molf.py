@@ -602,35 +602,34 @@ class MoLF:
             return None if checkpoint_dir is None else Path(checkpoint_dir) / name
 
         # Stage I -------------------------------------------------------------
-        if stage_one is not None:
-            self._adopt_stage_one(stage_one, split)
         if cfg.latent == "scvi":
             # raw counts of the panel (train then val rows), checked before anything is trained
             counts, _ = panel_counts(adata, self.registry.genes, cfg.scvi_counts_layer, all_rows)
             lk = self.keys["library_key"]
             libs = adata.obs[lk].astype(str).to_numpy()[all_rows] if lk in adata.obs else np.full(len(all_rows), "0")
             check_full_panel(arrays["mask"].numpy(), libs, self.registry.genes)
-        if cfg.latent == "scvi" and stage_one is None:
-            self.scvi, self.history["scvi"], self.scvi_model = fit_scvi(
-                counts[:n_tr],
-                libs[:n_tr],
-                self.registry.genes,
-                n_latent=cfg.latent_dim,
-                n_hidden=cfg.scvi_n_hidden,
-                n_layers=cfg.scvi_n_layers,
-                gene_likelihood=cfg.scvi_gene_likelihood,
-                library_size=cfg.scvi_library_size,
-                max_epochs=cfg.scvi_epochs or vae_epochs or max_epochs,
-                batch_size=batch_size,
-                lr=vae_lr,
-                accelerator=accelerator,
-                devices=devices,
-                early_stopping=early_stopping,
-                patience=patience,
-                show_progress_bar=show_progress_bar,
-                seed=seed,
-            )
-        if cfg.latent == "scvi":
+            if stage_one is None:
+                self.scvi, self.history["scvi"], self.scvi_model = fit_scvi(
+                    counts[:n_tr],
+                    libs[:n_tr],
+                    self.registry.genes,
+                    n_latent=cfg.latent_dim,
+                    n_hidden=cfg.scvi_n_hidden,
+                    n_layers=cfg.scvi_n_layers,
+                    gene_likelihood=cfg.scvi_gene_likelihood,
+                    library_size=cfg.scvi_library_size,
+                    max_epochs=cfg.scvi_epochs or vae_epochs or max_epochs,
+                    batch_size=batch_size,
+                    lr=vae_lr,
+                    accelerator=accelerator,
+                    devices=devices,
+                    early_stopping=early_stopping,
+                    patience=patience,
+                    show_progress_bar=show_progress_bar,
+                    seed=seed,
+                )
+            else:
+                self._adopt_stage_one(stage_one, split)
             z1 = self.scvi.encode(counts)  # posterior means (equal to scvi's get_latent_representation)
         else:
             if stage_one is None:
@@ -650,6 +649,8 @@ class MoLF:
                 )
                 self.vae = vae_mod.vae.cpu().eval()
                 self.vae.requires_grad_(False)
+            else:
+                self._adopt_stage_one(stage_one, split)
 
             # latent targets from the frozen encoder (posterior means)
             with torch.no_grad():
@@ -709,10 +710,9 @@ class MoLF:
         for name in ("vae", "scvi"):
             module = getattr(other, name)
             setattr(self, name, None if module is None else copy.deepcopy(module).cpu().eval().requires_grad_(False))
-        self.scvi_model = other.scvi_model
-        for name in ("vae", "scvi"):
             if name in other.history:
                 self.history[name] = other.history[name].copy()
+        self.scvi_model = other.scvi_model
 
     def _libraries_by_split(self, adata: AnnData, split: dict[str, np.ndarray]) -> dict[str, list[str]]:
         """The slides of each split (saved with the model, written to ``uns``)."""
