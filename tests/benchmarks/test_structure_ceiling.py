@@ -1,0 +1,61 @@
+"""benchmarks/structure_ceiling.py: oracle predictions of a given rank, scored on real HER2ST sections."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("structure_ceiling", REPO / "benchmarks" / "structure_ceiling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_effective_rank_and_projection():
+    mod = _script()
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(8, 8)))[0][:, :2].T  # two orthonormal gene-space directions
+    X = rng.normal(size=(4000, 2)) @ basis + 3.0
+    pr, k90 = mod.effective_rank(X)
+    assert pr == pytest.approx(2.0, abs=0.1) and k90 == 2
+    Y = rng.normal(size=(4000, 2)) * [3.0, 1.0] @ basis
+    assert mod.effective_rank(Y)[0] == pytest.approx(100 / 82, abs=0.05)  # (9 + 1)^2 / (81 + 1)
+    assert mod.effective_rank(np.ones((5, 3))) == (0.0, 0)
+    T = rng.normal(size=(50, 8))
+    full = np.linalg.svd(T - T.mean(0), full_matrices=False)[2]
+    np.testing.assert_allclose(mod._project(T, full, T.mean(0)), T, atol=1e-10)
+    # a projection on fewer axes is the best approximation of that rank: its error is the dropped singular values
+    s = np.linalg.svd(T - T.mean(0), compute_uv=False)
+    err = np.linalg.norm(mod._project(T, full[:3], T.mean(0)) - T) ** 2
+    assert err == pytest.approx((s[3:] ** 2).sum())
+
+
+def test_runs_on_her2st(her2st_dir, capsys):
+    mod = _script()
+    res = mod.main(["--path", str(her2st_dir), "--sections", "C2", "C3", "C4", "--ranks", "1", "3", "10"])
+    out = capsys.readouterr().out
+    assert "| own top-10 axes |" in out and "effective rank" in out
+    assert len(res) == 3 * 8 and set(res["test"]) == {"C2", "C3", "C4"}
+    m = res.groupby("prediction")[["PCC", "GSC", "SSC"]].mean()
+    # more axes of the truth's own structure: better on every score
+    own = m.loc[["own top-1 axes", "own top-3 axes", "own top-10 axes"]]
+    assert own["PCC"].is_monotonic_increasing and own["GSC"].is_monotonic_increasing
+    assert m.loc["own top-10 axes", "SSC"] > m.loc["own top-1 axes", "SSC"] + 0.3
+    # the best rank-k approximation beats the projection on the training sections' axes
+    for k in (1, 3, 10):
+        assert m.loc[f"own top-{k} axes", "PCC"] >= m.loc[f"training top-{k} axes", "PCC"]
+    assert m.loc["mean of self and neighbours", "GSC"] > 0.9
+    noisy = m.loc["truth + independent noise (PCC about 0.3)"]
+    assert 0.25 < noisy["PCC"] < 0.35 and noisy["GSC"] < 0.4
+
+
+def test_refuses_too_few_sections(her2st_dir):
+    with pytest.raises(SystemExit):
+        _script().main(["--path", str(her2st_dir), "--sections", "C2", "C3"])
