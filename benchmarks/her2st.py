@@ -70,6 +70,7 @@ METRICS = [
     ("wasserstein_spot", "W1 spot"),
     ("cosine", "cos dist"),
     ("domain_ari", "domain ARI"),
+    ("eff_rank", "eff. rank"),
 ]
 METHOD_LABELS = {
     "molf": "MoLF (MoE, window context)",
@@ -253,7 +254,29 @@ def score(sdata, method: str, split: str = "test") -> dict[str, float]:
             if len(rows):
                 pooled = rows[rows["aggregation"] == "pooled"]
                 out[(gs, m)] = float((pooled if len(pooled) else rows)["value"].iloc[0])
+    out[("all", "eff_rank")] = prediction_rank(sdata, f"bench_{method}", split)
     return out
+
+
+def prediction_rank(sdata, key: str, split: str = "test") -> float:
+    """Effective rank of the predictions ``obsm[key]`` on the ``split`` spots, mean over their slides.
+
+    The participation ratio ``(Σλ)² / Σλ²`` of the eigenvalues of the genes' covariance over a slide's spots: 1 when the
+    predictions vary along one direction of gene space, the number of genes when they vary equally along all.
+    GSC and SSC need predictions that vary along many correct directions (``benchmarks/structure_ceiling.py``).
+    """
+    table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata
+    P = table.obsm[key]
+    P = np.asarray(P.to_numpy() if isinstance(P, pd.DataFrame) else P, dtype=np.float64)
+    rows = (table.obs["split"] == split).to_numpy()
+    libs = table.obs["library_id"].astype(str).to_numpy() if "library_id" in table.obs else np.zeros(len(P), str)
+    ranks = []
+    for lib in np.unique(libs[rows]):
+        X = P[rows & (libs == lib)]
+        lam = np.linalg.svd(X - X.mean(axis=0), compute_uv=False) ** 2
+        if lam.sum() > 0:
+            ranks.append(lam.sum() ** 2 / (lam**2).sum())
+    return float(np.mean(ranks)) if ranks else np.nan
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -53,9 +53,7 @@ def _project(T: np.ndarray, axes: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return mean + ((T - mean) @ axes.T) @ axes
 
 
-def oracle_predictions(
-    T: np.ndarray, T_train: np.ndarray, W, ranks: list[int], seed: int = 0
-) -> dict[str, np.ndarray]:
+def oracle_predictions(T: np.ndarray, T_train: np.ndarray, W, ranks: list[int], seed: int = 0) -> dict[str, np.ndarray]:
     """The rows of the table for one test section (see the module docstring); ``T_train`` is centred per section."""
     from histoflow.tl._metrics import _row_normalize
 

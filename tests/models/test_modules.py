@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from histoflow.models._flow import LatentFlow
 from histoflow.models._moe import DenseBlock, MixtureOfExperts, MLPExpert, TokenTransformerExpert
@@ -384,3 +385,34 @@ def test_encoder_record_keeps_scalars_and_numeric_lists_as_json():
     assert type(out["patch_px"]) is int and type(out["dihedral"]) is bool
     assert json.loads(json.dumps(out)) == out
     assert encoder_record(None) == {} and encoder_record("X") == {}
+
+
+def test_centre_attention_equals_multihead_attention_with_its_gradients():
+    """One query (the first token) without per-token keys/values: nn.MultiheadAttention's output and gradients."""
+    from histoflow.models._velocity import centre_attention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, dropout=0.3, batch_first=True)
+    with torch.no_grad():  # non-zero biases: the key bias must cancel, the value bias must be carried
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    h = torch.randn(6, 7, 32, requires_grad=True)
+    pad = torch.zeros(6, 7, dtype=torch.bool)
+    pad[2, 3:] = True
+    pad[4, 1:] = True  # only the query token itself
+    mha.eval()
+    ref = mha(h[:, :1], h, h, key_padding_mask=pad, need_weights=False)[0][:, 0]
+    new = centre_attention(mha, h, pad, training=False)
+    torch.testing.assert_close(new, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * g).sum(), (h, mha.in_proj_weight, mha.in_proj_bias))
+    grads_new = torch.autograd.grad((new * g).sum(), (h, mha.in_proj_weight, mha.in_proj_bias))
+    for a, b in zip(grads_new, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # training: dropout on the attention weights, unbiased (the output is linear in the weights)
+    one = h[:1].detach().expand(20000, -1, -1)
+    with torch.no_grad():
+        train = centre_attention(mha, one, None, training=True)
+        ev = centre_attention(mha, one[:1], None, training=False)
+    assert not torch.allclose(train[0], train[1])
+    torch.testing.assert_close(train.mean(0), ev[0], atol=0.03, rtol=0)

@@ -153,7 +153,11 @@ def features(table: AnnData, embedding_key: str, rows: np.ndarray, dim: int | No
         hint="Run `histoflow.pp.embed_patches` first, or pass the key of the patch features.",
     )
     F = table.obsm[embedding_key]
-    F = np.asarray(F.to_numpy() if isinstance(F, pd.DataFrame) else F, dtype=np.float32)[rows]
+    F = np.asarray(F.to_numpy() if isinstance(F, pd.DataFrame) else F, dtype=np.float32)
+    rows = np.asarray(rows)
+    every_row = len(rows) == len(F) and (rows.dtype.kind != "b") and np.array_equal(rows, np.arange(len(F)))
+    if not (every_row and F.ndim == 2 and F.flags.c_contiguous and F.flags.writeable):
+        F = F[rows]  # a copy; all rows in order of a float32 array are used as they are (read only, never written)
     if F.ndim != 2:
         raise ValueError(f"`adata.obsm[{embedding_key!r}]` must be 2-D (spots × features), got shape {F.shape}.")
     if dim is not None and F.shape[1] != dim:

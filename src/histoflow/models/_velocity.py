@@ -44,6 +44,35 @@ def null_coded(code: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(code < 0, torch.full_like(code, n), code).long()
 
 
+def centre_attention(
+    mha: nn.MultiheadAttention, h: torch.Tensor, pad: torch.Tensor | None, *, training: bool
+) -> torch.Tensor:
+    """``mha`` with the first token of ``h`` ``(B, T, D)`` as the only query over all ``T`` tokens: ``(B, D)``.
+
+    The same function as ``mha(h[:, :1], h, h, key_padding_mask=pad)`` (batch first, packed in-projection, no extra
+    key/value bias), without projecting a key and a value for every token. With ``q_h`` the centre's query in head
+    ``h`` and ``W_k,h``, ``W_v,h`` that head's key and value weights, the score of token ``j`` is
+    ``x_j · (W_k,hᵀ q_h)`` plus a term constant over ``j`` (``q_h · b_k,h``, which the softmax cancels), and the
+    head's output is ``W_v,h (Σ_j a_hj x_j) + b_v,h Σ_j a_hj``: two small products per head instead of two per token.
+    Attention weights get ``mha.dropout`` when ``training``. ``pad`` ``(B, T)`` is True for padded tokens (never the
+    first one).
+    """
+    b, _, d = h.shape
+    heads = mha.num_heads
+    dh = d // heads
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    _, _, b_v = mha.in_proj_bias.chunk(3)
+    q = nn.functional.linear(h[:, 0], w_q, mha.in_proj_bias[:d]).view(b, heads, dh) * dh**-0.5
+    q = torch.einsum("bhe,hed->bhd", q, w_k.view(heads, dh, d))  # the query carried back to token space
+    scores = torch.bmm(q, h.transpose(1, 2))  # (B, heads, T)
+    if pad is not None:
+        scores = scores.masked_fill(pad[:, None, :], float("-inf"))
+    weights = nn.functional.dropout(torch.softmax(scores, dim=-1), mha.dropout, training=training)
+    out = torch.einsum("bhd,hed->bhe", torch.bmm(weights, h), w_v.view(heads, dh, d))
+    out = out + b_v.view(heads, dh) * weights.sum(-1, keepdim=True)
+    return mha.out_proj(out.reshape(b, d))
+
+
 class ConditionEncoder(nn.Module):
     """Patch features (+ spatial context) + metadata → one condition vector per spot.
 
@@ -140,19 +169,18 @@ class ConditionEncoder(nn.Module):
     def _window_centre(self, h: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         """Output of the window Transformer at the centre token ``(B, D)``, computing only what that token needs.
 
-        Every layer but the last runs on all tokens; the last one (pre-norm) attends from the centre token only and
-        applies its feed-forward block to that token only: the same function as the full layer's first output
-        token, at about a quarter of the cost for a window of nine spots.
+        Every layer but the last runs on all tokens; the last one (pre-norm) attends from the centre token only
+        (:func:`centre_attention`) and applies its feed-forward block to that token only: the same function as the
+        full layer's first output token, at a fraction of the cost.
         """
         layers = self.context.layers
         for layer in layers[:-1]:
             h = layer(h, src_key_padding_mask=pad)
         last = layers[-1]
         hn = last.norm1(h)
-        a = last.self_attn(hn[:, :1], hn, hn, key_padding_mask=pad, need_weights=False)[0]
-        x = h[:, :1] + last.dropout1(a)
+        x = h[:, 0] + last.dropout1(centre_attention(last.self_attn, hn, pad, training=self.training))
         ff = last.linear2(last.dropout(last.activation(last.linear1(last.norm2(x)))))
-        return (x + last.dropout2(ff))[:, 0]
+        return x + last.dropout2(ff)
 
     def metadata_tokens(self, meta: torch.Tensor | None, b: int) -> torch.Tensor:
         """Unprojected metadata keys/values of ``b`` spots: ``(b, n_memory + fields × tokens_per_value, cond_dim)``."""
