@@ -250,3 +250,23 @@ def test_shared_stage_one_trains_later_members_on_the_first_models_stage_one(tmp
     assert len(lines) == 3 and "Stage I shared" in lines[1] and "Stage I shared" in lines[2]
     h = first.history["vae"]
     assert f"molf (seed 3): Stage I {h['time_s'].iloc[-1]:.1f} s ({len(h)} epochs), Stage II" in lines[0]
+
+
+def test_prediction_rank_is_the_correlation_rank_per_test_slide():
+    """The harness's `corr. rank` column: participation ratio of the predictions' gene–gene correlation, per slide."""
+    mod = _harness()
+    rng = np.random.default_rng(0)
+    n = 400
+    one_pattern = np.outer(rng.normal(size=n), rng.uniform(1, 2, size=6))  # every gene moves with one pattern
+    independent = rng.normal(size=(n, 6)) * np.arange(1, 7)  # six uncorrelated genes, any scale
+    table = ad.AnnData(np.zeros((3 * n, 6), dtype=np.float32))
+    table.obs["library_id"] = np.repeat(["A", "B", "C"], n)
+    table.obs["split"] = np.repeat(["test", "test", "train"], n)
+    table.obsm["bench_x"] = np.r_[one_pattern, independent, rng.normal(size=(n, 6))]
+    assert mod.correlation_rank(one_pattern) == pytest.approx(1.0)
+    assert mod.correlation_rank(independent) == pytest.approx(6.0, abs=0.3)
+    assert np.isnan(mod.correlation_rank(np.ones((5, 3))))
+    # the mean over the two test slides; the training slide is not scored
+    assert mod.prediction_rank(table, "bench_x") == pytest.approx(
+        (1.0 + mod.correlation_rank(independent)) / 2, abs=1e-9
+    )

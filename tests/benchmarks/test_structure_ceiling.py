@@ -41,7 +41,7 @@ def test_runs_on_her2st(her2st_dir, capsys):
     mod = _script()
     res = mod.main(["--path", str(her2st_dir), "--sections", "C2", "C3", "C4", "--ranks", "1", "3", "10"])
     out = capsys.readouterr().out
-    assert "| own top-10 axes |" in out and "effective rank" in out
+    assert "| own top-10 axes |" in out and "correlation matrix" in out
     assert len(res) == 3 * 8 and set(res["test"]) == {"C2", "C3", "C4"}
     m = res.groupby("prediction")[["PCC", "GSC", "SSC"]].mean()
     # more axes of the truth's own structure: better on every score
@@ -59,3 +59,13 @@ def test_runs_on_her2st(her2st_dir, capsys):
 def test_refuses_too_few_sections(her2st_dir):
     with pytest.raises(SystemExit):
         _script().main(["--path", str(her2st_dir), "--sections", "C2", "C3"])
+
+
+def test_correlation_rank_ignores_scale_and_constant_genes():
+    mod = _script()
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(3000, 4)) * [1.0, 10.0, 100.0, 0.1]  # four independent genes on very different scales
+    assert mod.effective_rank(X)[0] < 1.1  # the covariance sees one gene
+    assert mod.effective_rank(X, correlation=True)[0] == pytest.approx(4.0, abs=0.1)
+    with_constant = np.c_[X, np.full(3000, 2.0)]
+    assert mod.effective_rank(with_constant, correlation=True)[0] == pytest.approx(4.0, abs=0.1)

@@ -416,3 +416,31 @@ def test_centre_attention_equals_multihead_attention_with_its_gradients():
         ev = centre_attention(mha, one[:1], None, training=False)
     assert not torch.allclose(train[0], train[1])
     torch.testing.assert_close(train.mean(0), ev[0], atol=0.03, rtol=0)
+
+
+def test_features_uses_every_row_in_place_and_copies_a_selection():
+    """All rows in order of a float32 table are read without a copy; a selection, other dtypes and bad input copy."""
+    import anndata as ad
+
+    from histoflow.models._data import features
+
+    a = ad.AnnData(np.zeros((5, 2), dtype=np.float32))
+    a.obsm["X_enc"] = np.arange(15, dtype=np.float32).reshape(5, 3)
+    every = features(a, "X_enc", np.arange(5), dim=3)
+    assert np.shares_memory(every, a.obsm["X_enc"])
+    some = features(a, "X_enc", np.array([4, 0]))
+    assert not np.shares_memory(some, a.obsm["X_enc"])
+    np.testing.assert_array_equal(some, a.obsm["X_enc"][[4, 0]])
+    shuffled = features(a, "X_enc", np.array([1, 0, 2, 3, 4]))
+    np.testing.assert_array_equal(shuffled[:2], a.obsm["X_enc"][[1, 0]])
+    a.obsm["X_enc"] = a.obsm["X_enc"].astype(np.float64)  # converted, hence a new array
+    assert not np.shares_memory(features(a, "X_enc", np.arange(5)), a.obsm["X_enc"])
+    frozen = np.arange(15, dtype=np.float32).reshape(5, 3)
+    frozen.flags.writeable = False  # torch cannot wrap a read-only array: copied
+    a.obsm["X_enc"] = frozen
+    assert features(a, "X_enc", np.arange(5)).flags.writeable
+    a.obsm["X_enc"] = np.full((5, 3), np.nan, dtype=np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        features(a, "X_enc", np.arange(5))
+    with pytest.raises(ValueError, match="model was trained on 4"):
+        features(a, "X_enc", np.arange(5), dim=4)
