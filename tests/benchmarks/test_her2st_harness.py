@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,15 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
+from _scripts import load_script
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("her2st_bench", REPO / "benchmarks" / "her2st.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/her2st.py", "her2st_bench")
 
 
 def _hest_bench(root: Path, features: Path, n_samples: int = 4, n_spots: int = 60, n_genes: int = 12) -> list[str]:

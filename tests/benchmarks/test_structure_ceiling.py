@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from _scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("structure_ceiling", REPO / "benchmarks" / "structure_ceiling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/structure_ceiling.py", "structure_ceiling")
 
 
 def test_effective_rank_and_projection():
