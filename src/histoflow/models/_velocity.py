@@ -61,8 +61,8 @@ def centre_attention(
     heads = mha.num_heads
     dh = d // heads
     w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-    _, _, b_v = mha.in_proj_bias.chunk(3)
-    q = nn.functional.linear(h[:, 0], w_q, mha.in_proj_bias[:d]).view(b, heads, dh) * dh**-0.5
+    b_q, _, b_v = mha.in_proj_bias.chunk(3)  # the key bias adds the same to every score: the softmax cancels it
+    q = nn.functional.linear(h[:, 0], w_q, b_q).view(b, heads, dh) * dh**-0.5
     q = torch.einsum("bhe,hed->bhd", q, w_k.view(heads, dh, d))  # the query carried back to token space
     scores = torch.bmm(q, h.transpose(1, 2))  # (B, heads, T)
     if pad is not None:
