@@ -444,3 +444,39 @@ def test_features_uses_every_row_in_place_and_copies_a_selection():
         features(a, "X_enc", np.arange(5))
     with pytest.raises(ValueError, match="model was trained on 4"):
         features(a, "X_enc", np.arange(5), dim=4)
+
+
+@pytest.mark.parametrize(("expert", "top_k"), [("mlp", 1), ("mlp", 2), ("transformer", 2), ("mlp", 3)])
+def test_grouped_experts_at_inference_give_the_per_expert_sum(expert, top_k, monkeypatch):
+    """Without gradients the experts run on inputs grouped by expert: the same sum, bit for bit up to top-2."""
+    torch.manual_seed(0)
+
+    def make() -> nn.Module:
+        return MLPExpert(8, 16, 3) if expert == "mlp" else TokenTransformerExpert([4, 4], 16, 3, n_heads=2)
+
+    moe = MixtureOfExperts(8, make, n_experts=5, top_k=top_k, gate_noise=0.0).eval()
+    with torch.no_grad():
+        moe.gate.bias[4] = -50.0  # expert 4 is never chosen: an empty group
+    x = torch.randn(64, 8)
+    ref, ref_info = moe(x)  # gradients enabled: the per-expert path
+    assert ref.requires_grad and ref_info["load"][4].item() == 0.0
+    with torch.no_grad():
+        got, info = moe(x)
+        per_expert = moe._per_expert(x, info["gates"])  # the same experts without gradients (Transformer fast path)
+    if top_k <= 2:
+        assert torch.equal(got, per_expert)
+    else:
+        torch.testing.assert_close(got, per_expert, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(info["weights"], ref_info["weights"].detach())
+    dense = sum(info["gates"][:, e : e + 1] * moe.experts[e](x) for e in range(5))
+    torch.testing.assert_close(got, dense.detach(), rtol=1e-5, atol=1e-6)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the per-expert path ran")
+
+    monkeypatch.setattr(MixtureOfExperts, "_per_expert", refuse)
+    with torch.no_grad():
+        assert torch.equal(moe(x)[0], got)  # the grouped path ran
+        with pytest.raises(AssertionError, match="per-expert"):
+            moe(x, weights=info["weights"])  # given weights (any number of experts per row) take the per-expert path

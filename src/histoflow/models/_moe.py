@@ -198,6 +198,16 @@ class MixtureOfExperts(nn.Module):
             frac = counts / top_i.numel()
             aux = self.n_experts * torch.sum(frac * probs.mean(dim=0))
             z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        if weights is None and not torch.is_grad_enabled():
+            out = self._grouped(x, gates, top_i)
+        else:
+            out = self._per_expert(x, gates)
+        shares = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+        info = {"weights": shares, "gates": gates, "probs": probs, "aux": aux, "z_loss": z_loss, "load": frac}
+        return out, info
+
+    def _per_expert(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """``Σ_i g_i E_i(x)``, each expert on the rows whose gate for it is positive (any number of experts per row)."""
         out = None
         idle: list[nn.Module] = []
         for e, expert in enumerate(self.experts):
@@ -213,9 +223,24 @@ class MixtureOfExperts(nn.Module):
         if idle and self.training and torch.is_grad_enabled():
             # an expert that got no input still joins the graph, with zero gradient: DDP needs every parameter used
             out = out + 0.0 * sum(p.sum() for expert in idle for p in expert.parameters())
-        shares = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
-        info = {"weights": shares, "gates": gates, "probs": probs, "aux": aux, "z_loss": z_loss, "load": frac}
-        return out, info
+        return out
+
+    def _grouped(self, x: torch.Tensor, gates: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        """The same sum for top-k routing (``top_k`` experts per row), grouped: inference without gradients.
+
+        The ``B × k`` routing slots are sorted by expert once, the inputs gathered once, each expert runs on its
+        contiguous block, and the weighted outputs go back to their slots and are summed over each row's ``k`` slots
+        (a gather and a fixed-order sum: deterministic, and with ``top_k ≤ 2`` bit for bit the sum of
+        :meth:`_per_expert`, since adding two numbers does not depend on their order).
+        """
+        b, k = top_i.shape
+        flat = top_i.reshape(-1)  # slot j of row r is r * k + j
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        xs = x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+        ys = [expert(part) for expert, part, c in zip(self.experts, xs.split(counts), counts) if c > 0]
+        y = torch.cat(ys) * gates.gather(1, top_i).reshape(-1).index_select(0, order)[:, None]
+        return y.index_select(0, torch.argsort(order)).view(b, k, -1).sum(dim=1)
 
 
 class DenseBlock(nn.Module):

@@ -110,29 +110,33 @@ class MoLFConfig:
 
 
 def _neighbours(coords_um: np.ndarray, libs: np.ndarray, radius_um: float, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``k`` nearest spots of the same slide within ``radius_um`` for every spot.
+    """Up to ``k`` nearest spots of the same slide within ``radius_um`` for every spot, nearest first.
 
-    Returns indices ``(n, k)`` (−1 = none) and offsets ``(n, k, 2)`` in µm.
+    Returns indices ``(n, k)`` (−1 = none) and offsets ``(n, k, 2)`` in µm. A k-d tree per slide, queried on as many
+    threads as torch uses; among spots at the same distance, the tree's (deterministic) order decides which fill the
+    last places of a window.
     """
-    from sklearn.neighbors import NearestNeighbors
+    from scipy.spatial import cKDTree
 
     n = len(coords_um)
     idx = np.full((n, k), -1, dtype=np.int64)
     off = np.zeros((n, k, 2), dtype=np.float32)
     if k == 0:
         return idx, off
-    for lib in np.unique(libs):
-        rows = np.flatnonzero(libs == lib)
+    codes, _ = pd.factorize(libs)
+    order = np.argsort(codes, kind="stable")
+    bound = np.nextafter(float(radius_um), np.inf)  # the tree keeps distances strictly below its bound
+    for rows in np.split(order, np.cumsum(np.bincount(codes))[:-1]):
         m = min(k + 1, len(rows))
         if m < 2:
             continue
-        dist, ind = NearestNeighbors(n_neighbors=m).fit(coords_um[rows]).kneighbors(coords_um[rows])
+        xy = coords_um[rows]
+        dist, ind = cKDTree(xy).query(xy, k=m, distance_upper_bound=bound, workers=torch.get_num_threads())
         dist, ind = dist[:, 1:], ind[:, 1:]  # drop the spot itself
-        ok = dist <= radius_um
-        glob = np.where(ok, rows[ind], -1)
-        idx[rows, : m - 1] = glob
-        d = coords_um[rows[ind]] - coords_um[rows][:, None, :]
-        off[rows, : m - 1] = np.where(ok[..., None], d, 0.0)
+        ok = np.isfinite(dist)  # a missing neighbour has distance inf and index len(rows)
+        ind = np.where(ok, ind, 0)
+        idx[rows, : m - 1] = np.where(ok, rows[ind], -1)
+        off[rows, : m - 1] = np.where(ok[..., None], xy[ind] - xy[:, None, :], 0.0)
     return idx, off
 
 
@@ -142,8 +146,12 @@ class _Gather:
     def __init__(self, arrays: dict[str, torch.Tensor], nbr: torch.Tensor | None, off: torch.Tensor | None):
         self.arrays, self.nbr, self.off = arrays, nbr, off
 
-    def __call__(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        i = torch.as_tensor([int(it[0]) if isinstance(it, (tuple, list)) else int(it) for it in items])
+    def __call__(self, items: list[Any] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batch of the spots ``items``: dataset items (``(index,)`` tuples or ints) or a tensor of indices."""
+        if isinstance(items, torch.Tensor):
+            i = items
+        else:
+            i = torch.as_tensor([int(it[0]) if isinstance(it, (tuple, list)) else int(it) for it in items])
         out = {k: v[i] for k, v in self.arrays.items() if k != "feats"}
         feats = self.arrays.get("feats")
         if feats is None:
@@ -1014,7 +1022,7 @@ def _spot_conditions(
     gather = _Gather({**arrays, "feats": proj}, nbr, off)
     conds, attns = [], []
     for s in range(0, n, batch_size):
-        b = {k: v.to(device) for k, v in gather(list(range(s, min(s + batch_size, n)))).items()}
+        b = {k: v.to(device) for k, v in gather(torch.arange(s, min(s + batch_size, n))).items()}
         c, a = condition.forward_projected(b["feats"], b.get("offsets"), b.get("valid"), b.get("meta"))
         conds.append(c)
         if a is not None:
@@ -1045,11 +1053,15 @@ def _draw(
     ``temperature`` times a standard normal draw (0: every draw starts at the prior mean).
     """
     gen = torch.Generator().manual_seed(int(seed))
-    total, total_sq = torch.zeros(n, dims[0]), torch.zeros(n, dims[0])
-    lat, routing = torch.zeros(n, dims[1]), torch.zeros(n, dims[2])
+    many = n_samples > 1  # one draw: its values are the results, no sums to keep
+    alloc = torch.zeros if many else torch.empty  # one draw fills every row
+    total, lat, routing = alloc(n, dims[0]), alloc(n, dims[1]), alloc(n, dims[2])
+    total_sq = torch.zeros(n, dims[0]) if many else None
     z0_first = traj = None
     for k in range(n_samples):
-        z0 = torch.randn(n, noise_dim, generator=gen) * temperature
+        z0 = torch.randn(n, noise_dim, generator=gen)
+        if temperature != 1.0:
+            z0 = z0 * temperature
         if k == 0:
             z0_first = z0
         trajs = []
@@ -1057,22 +1069,26 @@ def _draw(
             sl = slice(s, min(s + batch_size, n))
             out = sample(sl, z0[sl], record and k == 0)
             x = out["x"].clamp_min(0).cpu()
-            total[sl] += x
-            total_sq[sl] += x**2
-            lat[sl] += out["latent"].cpu()
-            routing[sl] += out["routing"].cpu() if "routing" in out else 1.0
+            r = out["routing"].cpu() if "routing" in out else 1.0
+            if many:
+                total[sl] += x
+                total_sq[sl] += x**2
+                lat[sl] += out["latent"].cpu()
+                routing[sl] += r
+            else:
+                total[sl], lat[sl], routing[sl] = x, out["latent"].cpu(), r
             if record and k == 0:
                 trajs.append(out["trajectory"].cpu())
         if trajs:
             traj = torch.cat(trajs, dim=1)
-    mean = total / n_samples
+    mean = total / n_samples if many else total
     res: dict[str, np.ndarray] = {
         "mean": mean.numpy(),
-        "latent": (lat / n_samples).numpy(),
+        "latent": (lat / n_samples if many else lat).numpy(),
         "z0": z0_first.numpy(),
-        "routing": (routing / n_samples).numpy(),
+        "routing": (routing / n_samples if many else routing).numpy(),
     }
-    if n_samples > 1:
+    if many:
         res["std"] = (total_sq / n_samples - mean**2).clamp_min(0).sqrt().numpy()
     if traj is not None:
         res["trajectory"] = traj.numpy()

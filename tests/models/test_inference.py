@@ -1,0 +1,75 @@
+"""Inference internals of MoLF: the neighbour windows and the draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from histoflow.models._molf import _draw, _neighbours
+
+
+def _brute_force(coords, libs, radius, k):
+    n = len(coords)
+    idx = np.full((n, k), -1)
+    off = np.zeros((n, k, 2), dtype=np.float32)
+    for i in range(n):
+        d = np.linalg.norm(coords - coords[i], axis=1)
+        cand = [j for j in np.argsort(d, kind="stable") if j != i and libs[j] == libs[i] and d[j] <= radius][:k]
+        idx[i, : len(cand)] = cand
+        off[i, : len(cand)] = coords[cand] - coords[i]
+    return idx, off
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_neighbours_are_the_nearest_spots_of_the_same_slide_within_the_radius(threads):
+    rng = np.random.default_rng(0)
+    coords = rng.uniform(0, 1000, size=(300, 2))
+    libs = rng.choice(np.array(["b", "a", "c"], dtype="<U8"), size=300)  # slides interleaved in the table
+    libs[17] = "lonely"  # a slide of one spot: no neighbours
+    libs[[4, 5, 6, 7]] = ["pair", "pair", "far", "far"]
+    coords[5] = coords[4] + [120.0, 160.0]  # exactly 200 µm apart: within a 200 µm radius
+    coords[7] = coords[6] + [0.0, 200.01]  # just beyond it
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the tree is queried on torch's threads
+    try:
+        idx, off = _neighbours(coords, libs, 200.0, 6)
+    finally:
+        torch.set_num_threads(old)
+    ref_idx, ref_off = _brute_force(coords, libs, 200.0, 6)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(off, ref_off, atol=1e-4)
+    assert (idx[17] == -1).all() and list(idx[4]) == [5] + [-1] * 5 and (idx[6] == -1).all()
+    counts = (idx >= 0).sum(1)
+    assert counts.max() == 6 and (counts < 6).sum() > 10  # full windows, and windows cut by the radius
+    empty_idx, empty_off = _neighbours(coords, libs, 200.0, 0)
+    assert empty_idx.shape == (300, 0) and empty_off.shape == (300, 0, 2)
+
+
+def _fake_sample(sl, z0, record):
+    """A stand-in for a model: expression, latent and routing are simple functions of the noise."""
+    x = z0[:, :3] * 2.0
+    out = {"x": x, "latent": z0 + 1.0, "routing": torch.softmax(z0[:, :2], dim=1)}
+    if record:
+        out["trajectory"] = torch.stack([z0, z0 + 1.0])
+    return out
+
+
+def test_draws_one_and_many():
+    one = _draw(_fake_sample, 10, 4, (3, 4, 2), n_samples=1, seed=3, batch_size=4, record=True)
+    z0 = torch.randn(10, 4, generator=torch.Generator().manual_seed(3)).numpy()
+    np.testing.assert_array_equal(one["z0"], z0)
+    np.testing.assert_array_equal(one["mean"], np.clip(z0[:, :3] * 2.0, 0, None))
+    np.testing.assert_array_equal(one["latent"], z0 + 1.0)
+    np.testing.assert_allclose(one["routing"].sum(1), 1.0, rtol=1e-6)
+    assert "std" not in one and one["trajectory"].shape == (2, 10, 4)
+    cold = _draw(_fake_sample, 10, 4, (3, 4, 2), n_samples=1, seed=3, batch_size=4, record=False, temperature=0.5)
+    np.testing.assert_allclose(cold["z0"], 0.5 * z0, rtol=1e-6)
+    many = _draw(_fake_sample, 10, 4, (3, 4, 2), n_samples=3, seed=3, batch_size=4, record=False)
+    gen = torch.Generator().manual_seed(3)
+    draws = [torch.randn(10, 4, generator=gen).numpy() for _ in range(3)]
+    xs = np.stack([np.clip(d[:, :3] * 2.0, 0, None) for d in draws])
+    np.testing.assert_allclose(many["mean"], xs.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(many["std"], xs.std(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(many["latent"], np.mean(draws, axis=0) + 1.0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(many["z0"], z0)  # the first draw's noise
