@@ -75,11 +75,9 @@ def test_notebook_starts_with_title(path: Path):
 
 
 def test_runner_executes_every_tutorial_and_the_gallery():
-    import importlib.util
+    from _scripts import load_script
 
-    spec = importlib.util.spec_from_file_location("tutorials_run", TUTORIALS / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
+    run = load_script(str((TUTORIALS / "run.py").relative_to(REPO)), "tutorials_run")
     assert run.default_notebooks() == [*NOTEBOOKS, REPO / "docs" / "gallery.ipynb"]
     assert run.MAX_BYTES == MAX_BYTES
 

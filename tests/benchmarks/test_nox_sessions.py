@@ -6,10 +6,10 @@ run is checked without creating virtual environments.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,10 +31,7 @@ class RecordingSession:
 
 @pytest.fixture(scope="module")
 def noxfile():
-    spec = importlib.util.spec_from_file_location("histoflow_noxfile", REPO / "noxfile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("noxfile.py", "histoflow_noxfile")
 
 
 def test_bench_lists_every_benchmark_script(noxfile):
