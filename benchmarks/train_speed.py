@@ -1,8 +1,9 @@
-"""Training-step speed of MoLF on the CPU: Stage I with torch's dropout against histoflow's FastDropout, and Stage II
-with the window context's last layer through nn.MultiheadAttention against histoflow's centre-only attention.
+"""Training speed of MoLF on the CPU: Stage I with torch's dropout against histoflow's FastDropout, Stage II with the
+window context's last layer through nn.MultiheadAttention against histoflow's centre-only attention, and (with
+``--fits``) whole Lightning fits with per-step logging and torch's per-tensor AdamW against histoflow's defaults.
 
     python benchmarks/train_speed.py [--threads 2] [--repeats 5] [--steps 100] [--ff-dims 512 128]
-                                     [--cond-dims 256 64]
+                                     [--cond-dims 256 64] [--fits 3 [--fit-epochs 40]]
 
 Stage I (:class:`~histoflow.models.GeneVAE`, 50 genes, batches of 64, the HER2ST benchmark's sizes: latent 128,
 token width 64, decoder 256) takes AdamW steps on random log1p-like data. Each row times ``--steps`` steps, the median
@@ -17,14 +18,25 @@ through a frozen 128 → 256 → 50 decoder; batches of 64) at each condition wi
 ``nn.MultiheadAttention`` with the centre token as the query (how histoflow computed it before
 :func:`~histoflow.models._velocity.centre_attention`); the same model takes the two kinds of steps in alternation,
 ``--steps`` at a time, so both medians see the same machine.
+
+Whole fits (``--fits N``: N fits of each kind, in alternation; median seconds): ``MoLF.train`` on a table of HER2ST's
+size (910 spots in five sections, three for training, one for validation; 3 × 1280 features; 50 genes), with the
+narrower settings of the HER2ST benchmark (``cond_dim=64``, ``expert_width=128``, ``vae_decoder_hidden=256``,
+``vae_ff_dim=128``, endpoint prediction, batches of 64), ``--fit-epochs`` epochs of each stage and no early stopping.
+The baselines put back what histoflow did before: ``self.log`` of every training scalar at every step (instead of
+:class:`~histoflow.models.EpochMeanLogging`) and torch's default AdamW on a CPU, the per-tensor loop (instead of
+``foreach=True``). The table says whether every fit left the same history (every loss, every epoch) and weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from unittest import mock
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -127,6 +139,111 @@ def _stage_two_step(cond_dim: int):
     return step
 
 
+def _fit_table(seed: int = 0):
+    """910 spots in five sections of a 14 × 13 grid (200 µm), 3 × 1280 features, 50 genes (HER2ST's sizes)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    per, sections = 182, ["C2", "C3", "C4", "C5", "C6"]
+    g = np.stack(np.meshgrid(np.arange(14), np.arange(13)), -1).reshape(-1, 2)
+    n = per * len(sections)
+    feats = rng.normal(size=(n, 3 * 1280)).astype(np.float32)
+    load = rng.normal(size=(3 * 1280, 50)).astype(np.float32) / 60
+    counts = rng.poisson(np.exp(np.clip(feats @ load, -3, 3))).astype(np.float32)
+    obs = pd.DataFrame(
+        {
+            "library_id": np.repeat(sections, per),
+            "split": np.repeat(["train", "train", "train", "val", "test"], per),
+            "pixel_size_um": 1.0,
+        },
+        index=[f"s{i}" for i in range(n)],
+    )
+    a = ad.AnnData(sp.csr_matrix(counts), obs=obs)
+    a.var_names = [f"G{i}" for i in range(50)]
+    a.layers["log1p"] = a.X.copy()
+    a.layers["log1p"].data = np.log1p(a.layers["log1p"].data)
+    a.obsm["spatial"] = np.concatenate([g] * len(sections)) * 200.0
+    a.obsm["X_feat"] = feats
+    return a
+
+
+def _per_step_log(self, values, batch_size, *, prefix="train_", prog_bar=False):
+    """The baseline: one ``self.log`` per scalar and step (how histoflow's modules logged before)."""
+    for key, value in values.items():
+        self.log(prefix + key, value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+
+
+@contextlib.contextmanager
+def _before(log: bool, loop: bool):
+    """Put back per-step logging (``log``) and torch's per-tensor AdamW (``loop``) for the fits inside."""
+    from histoflow.models import _molf, _train
+
+    with contextlib.ExitStack() as stack:
+        if log:
+            stack.enter_context(mock.patch.object(_train.EpochMeanLogging, "log_epoch_means", _per_step_log))
+        if loop:
+            per_tensor = lambda params, **kw: torch.optim.AdamW(params, foreach=False, **kw)  # noqa: E731
+            stack.enter_context(mock.patch.object(_molf, "adamw", per_tensor))
+        yield
+
+
+def _fit(table, epochs: int, log: bool, loop: bool):
+    from histoflow.models import MoLF
+
+    settings = {"cond_dim": 64, "expert_width": 128, "vae_decoder_hidden": (256,), "vae_ff_dim": 128}
+    model = MoLF(table, embedding_key="X_feat", prediction="endpoint", seed=0, **settings)
+    with _before(log, loop):
+        t = time.perf_counter()
+        model.train(
+            epochs,
+            vae_epochs=epochs,
+            batch_size=64,
+            accelerator="cpu",
+            devices=1,
+            early_stopping=False,
+            show_progress_bar=False,
+        )
+        sec = time.perf_counter() - t
+    hist = {k: v.drop(columns="time_s") for k, v in model.history.items()}
+    weights = {k: v.clone() for k, v in model.flow.state_dict().items()}
+    return sec, hist, weights
+
+
+def _same(a, b) -> bool:
+    hist = all(a[1][k].equals(b[1][k]) for k in a[1])
+    return hist and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+def _fits(fits: int, epochs: int) -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    table = _fit_table()
+    kinds = [
+        ("per step", "per-tensor loop", True, True),
+        ("once per epoch", "per-tensor loop", False, True),
+        ("once per epoch", "multi-tensor (now)", False, False),
+    ]
+    runs: dict[int, list] = {i: [] for i in range(len(kinds))}
+    for _ in range(fits):
+        for i, (_, _, log, loop) in enumerate(kinds):
+            runs[i].append(_fit(table, epochs, log, loop))
+    first = runs[0][0]
+    base = statistics.median(r[0] for r in runs[0])
+    print(f"\nWhole fits: {epochs} epochs of each stage, median of {fits} fits of each kind, in alternation\n")
+    print("| training scalars logged | AdamW | s per fit | vs per step + loop | same history and weights |")
+    print("|---|---|---|---|---|")
+    for i, (logging_kind, adam, _, _) in enumerate(kinds):
+        sec = statistics.median(r[0] for r in runs[i])
+        same = all(_same(first, r) for r in runs[i])
+        print(f"| {logging_kind} | {adam} | {sec:.1f} | {base / sec:.2f}× | {'yes' if same else 'no'} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -134,9 +251,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--ff-dims", type=int, nargs="+", default=[512, 128], help="Stage I feed-forward widths")
     p.add_argument("--cond-dims", type=int, nargs="+", default=[256, 64], help="Stage II condition widths")
+    p.add_argument("--fits", type=int, default=0, help="whole fits of each kind (0: no fit rows)")
+    p.add_argument("--fit-epochs", type=int, default=40, help="epochs of each stage in a whole fit")
+    p.add_argument("--only-fits", action="store_true", help="skip the step rows")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads}, median of {args.repeats} × {args.steps} steps, torch {torch.__version__}\n")
+    if not args.only_fits:
+        _steps(args)
+    if args.fits:
+        _fits(args.fits, args.fit_epochs)
+
+
+def _steps(args: argparse.Namespace) -> None:
     print("| what | vae_ff_dim | dropout | ms per step | vs torch's dropout |")
     print("|---|---|---|---|---|")
     for ff in args.ff_dims:

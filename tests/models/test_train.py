@@ -10,7 +10,9 @@ from _model_data import tiny_mlp_fit
 
 from histoflow.models._train import (
     EMAWeightsCallback,
+    EpochMeanLogging,
     HistoryCallback,
+    adamw,
     atomic_dir,
     count_devices,
     default_strategy,
@@ -130,6 +132,76 @@ def test_same_seed_gives_identical_weights():
     a, b, c = _train_once(0), _train_once(0), _train_once(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+class _BothWays(EpochMeanLogging, _Linear):
+    """Logs each training scalar twice: per step with ``self.log`` (``train_*``) and with the mixin (``mix_*``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_calls: list[str] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        values = {
+            "loss": loss,
+            "double": loss.double() * 3,  # float64 is kept in float64, as Lightning keeps it
+            "count": torch.tensor(batch_idx + 1),  # integers become floats
+        }
+        for k, v in values.items():
+            self.log(f"train_{k}", v, on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
+        self.log_epoch_means(values, len(x), prefix="mix_", prog_bar=True)
+        return loss
+
+    def log(self, name, *args, **kwargs):
+        self.log_calls.append(name)
+        super().log(name, *args, **kwargs)
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+def test_epoch_mean_logging_gives_the_numbers_of_per_step_logging(limit):
+    X, Y = _data(n=190)
+    seed_everything(0)
+    module = _BothWays()
+    # 150 training rows in batches of 64: 64, 64, 22 (an uneven last batch); `limit=2` cuts every epoch short
+    train, val = tensor_loaders([X[:150], Y[:150]], [X[150:], Y[150:]], batch_size=64, seed=0)
+    extra = {} if limit is None else {"limit_train_batches": limit}
+    trainer, cb = make_trainer(max_epochs=3, accelerator="cpu", early_stopping=False, **extra, **QUIET)
+    trainer.fit(module, train, val)
+    hist = cb.history
+    assert len(hist) == 3
+    for k in ("loss", "double", "count"):
+        np.testing.assert_array_equal(hist[f"mix_{k}"].to_numpy(), hist[f"train_{k}"].to_numpy())
+    batches = 3 if limit is None else limit
+    sizes = [64, 64, 22][:batches]
+    assert hist["mix_count"].iloc[0] == pytest.approx(sum((i + 1) * b for i, b in enumerate(sizes)) / sum(sizes))
+    # one `self.log` per key and epoch, instead of one per key and step
+    assert sum(c.startswith("mix_") for c in module.log_calls) == 3 * 3
+    assert sum(c.startswith("train_") for c in module.log_calls) == 3 * 3 * batches
+    assert "mix_loss" in trainer.progress_bar_metrics and "train_loss" not in trainer.progress_bar_metrics
+
+
+def test_adamw_updates_are_torchs_single_tensor_adamw_bit_for_bit():
+    def train(make):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3)
+        )
+        groups = [{"params": list(net[:3].parameters())}, {"params": list(net[3].parameters()), "lr": 1e-4}]
+        opt = make(groups)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(50):
+            loss = net(torch.randn(32, 8, generator=gen)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    ours = train(lambda g: adamw(g, lr=1e-2, weight_decay=0.05))
+    loop = train(lambda g: torch.optim.AdamW(g, lr=1e-2, weight_decay=0.05, foreach=False))
+    assert all(torch.equal(a, b) for a, b in zip(ours, loop))
+    assert adamw(torch.nn.Linear(2, 2).parameters()).defaults["foreach"] is True
 
 
 def test_tensor_loaders_seeded_shuffle_dtypes_and_errors():

@@ -33,6 +33,7 @@ _LAZY: dict[str, str] = {
     "seed_everything": "histoflow.models._train",
     "tensor_loaders": "histoflow.models._train",
     "SeededSampler": "histoflow.models._train",
+    "EpochMeanLogging": "histoflow.models._train",
 }
 
 __all__: list[str] = list(_LAZY)

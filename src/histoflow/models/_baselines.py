@@ -26,7 +26,7 @@ from histoflow._logging import logger
 from histoflow._utils import get_table
 from histoflow._validate import check_dropout, check_layer
 from histoflow.models._data import Registry, check_compatible, features, panel_genes, split_rows, targets
-from histoflow.models._train import atomic_dir, fit_module, seed_everything, tensor_loaders
+from histoflow.models._train import EpochMeanLogging, adamw, atomic_dir, fit_module, seed_everything, tensor_loaders
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -458,7 +458,7 @@ class RidgeProbe(_BaselineModel):
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
-class _MLPModule(L.LightningModule):
+class _MLPModule(EpochMeanLogging, L.LightningModule):
     """Standardised features → [Linear → activation → dropout] × len(hidden) → Linear; masked MSE loss."""
 
     def __init__(
@@ -492,20 +492,22 @@ class _MLPModule(L.LightningModule):
         diff = torch.where(mask, pred - torch.where(mask, y, torch.zeros_like(y)), torch.zeros_like(pred))
         return diff.pow(2).sum() / mask.sum().clamp_min(1)
 
-    def _step(self, batch: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    def _loss(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         x, y, m = batch
-        loss = self.masked_mse(self(x), y, m)
-        self.log(name, loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(x))
-        return loss
+        return self.masked_mse(self(x), y, m)
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train_loss")
+        loss = self._loss(batch)
+        self.log_epoch_means({"loss": loss}, len(batch[0]), prog_bar=True)
+        return loss
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val_loss")
+        loss, b = self._loss(batch), len(batch[0])
+        self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=b)
+        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return adamw(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
 class MLPBaseline(_BaselineModel):

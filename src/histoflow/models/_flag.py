@@ -52,7 +52,7 @@ from histoflow.models._molf import (
     _spot_conditions,
     _Subset,
 )
-from histoflow.models._train import seed_everything
+from histoflow.models._train import EpochMeanLogging, adamw, seed_everything
 from histoflow.models._vae import masked_mse
 from histoflow.models._velocity import ConditionEncoder, timestep_embedding
 
@@ -308,7 +308,7 @@ class GeneTokenFlow(nn.Module):
 # Lightning module
 
 
-class _FLAGModule(L.LightningModule):
+class _FLAGModule(EpochMeanLogging, L.LightningModule):
     def __init__(self, flow: GeneTokenFlow, cfg: FLAGConfig, lr: float, wd: float):
         super().__init__()
         self.flow, self.cfg, self.lr, self.wd = flow, cfg, lr, wd
@@ -325,9 +325,7 @@ class _FLAGModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self._loss(batch, True)
-        b = batch["x"].shape[0]
-        for k in ("loss", "flow", "align"):
-            self.log(f"train_{k}", out[k], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+        self.log_epoch_means({k: out[k] for k in ("loss", "flow", "align")}, batch["x"].shape[0])
         return out["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -340,7 +338,7 @@ class _FLAGModule(L.LightningModule):
             self.log(f"val_{k}", out[k], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.flow.parameters(), lr=self.lr, weight_decay=self.wd)
+        return adamw(self.flow.parameters(), lr=self.lr, weight_decay=self.wd)
 
 
 # --------------------------------------------------------------------------------------------------------------------

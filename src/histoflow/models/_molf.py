@@ -31,7 +31,15 @@ from histoflow.models._data import (
 )
 from histoflow.models._flow import PREDICTIONS, LatentFlow
 from histoflow.models._scvi import ScviLatent, check_full_panel, fit_scvi, import_scvi, panel_counts
-from histoflow.models._train import SeededSampler, atomic_dir, check_ema_decay, fit_module, seed_everything
+from histoflow.models._train import (
+    EpochMeanLogging,
+    SeededSampler,
+    adamw,
+    atomic_dir,
+    check_ema_decay,
+    fit_module,
+    seed_everything,
+)
 from histoflow.models._vae import GeneVAE
 from histoflow.models._velocity import ConditionEncoder, VelocityField
 
@@ -178,16 +186,14 @@ def _loader(n: int, collate: Any, batch_size: int, shuffle: bool, seed: int) -> 
 # Lightning modules
 
 
-class _VAEModule(L.LightningModule):
+class _VAEModule(EpochMeanLogging, L.LightningModule):
     def __init__(self, vae: GeneVAE, beta: float, lr: float, weight_decay: float):
         super().__init__()
         self.vae, self.beta, self.lr, self.wd = vae, beta, lr, weight_decay
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.vae.loss(batch["x"], batch["mask"], self.beta)
-        b = batch["x"].shape[0]
-        for k in ("loss", "rec", "kl"):
-            self.log(f"train_{k}", out[k], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+        self.log_epoch_means({k: out[k] for k in ("loss", "rec", "kl")}, batch["x"].shape[0])
         return out["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -197,10 +203,10 @@ class _VAEModule(L.LightningModule):
             self.log(f"val_{k}", out[k], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.vae.parameters(), lr=self.lr, weight_decay=self.wd)
+        return adamw(self.vae.parameters(), lr=self.lr, weight_decay=self.wd)
 
 
-class _FlowModule(L.LightningModule):
+class _FlowModule(EpochMeanLogging, L.LightningModule):
     def __init__(self, flow: LatentFlow, decoder: nn.Module, cfg: MoLFConfig, lr: float, gate_lr: float, wd: float):
         super().__init__()
         self.flow, self.decoder = flow, decoder
@@ -222,11 +228,9 @@ class _FlowModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self._loss(batch, True)
-        b = batch["z1"].shape[0]
-        for k in ("loss", "flow", "gene", "aux"):
-            self.log(f"train_{k}", out[k], on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
-        for e, v in enumerate(out["load"]):
-            self.log(f"train_load_{e}", v, on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+        values = {k: out[k] for k in ("loss", "flow", "gene", "aux")}
+        values.update({f"load_{e}": v for e, v in enumerate(out["load"])})
+        self.log_epoch_means(values, batch["z1"].shape[0])
         return out["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -246,7 +250,7 @@ class _FlowModule(L.LightningModule):
         groups = [{"params": rest, "lr": self.lr}]
         if gate:
             groups.append({"params": gate, "lr": self.gate_lr})
-        return torch.optim.AdamW(groups, weight_decay=self.wd)
+        return adamw(groups, weight_decay=self.wd)
 
 
 # --------------------------------------------------------------------------------------------------------------------
