@@ -271,8 +271,9 @@ class EpochMeanLogging:
     each mean once, on the epoch's last batch. Values are detached; keys get the prefix ``train_``.
 
     Put it before ``LightningModule`` in the bases (``class M(EpochMeanLogging, L.LightningModule)``); it defines
-    ``on_train_epoch_start`` (drop sums of an interrupted epoch) and ``on_train_epoch_end`` (log what an epoch cut
-    short, e.g. by ``limit_train_batches``, left); a subclass that overrides them calls ``super()``.
+    ``on_train_epoch_start`` (drops the sums of an interrupted epoch) and ``on_train_epoch_end`` (logs what is left
+    when an epoch ended before its last batch, e.g. at ``max_steps``); a subclass that overrides them calls
+    ``super()``.
     """
 
     def log_epoch_means(
