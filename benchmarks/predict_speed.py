@@ -3,6 +3,7 @@
     python benchmarks/predict_speed.py [--sizes 10000 100000] [--repeats 3] [--threads 2] [--models molf molf_16 mlp]
     python benchmarks/predict_speed.py --device cuda [--sizes 10000 100000]   # on a GPU
     python benchmarks/predict_speed.py --set cond_dim=128 --set vae_decoder_hidden=256   # other MoLF settings
+    python benchmarks/predict_speed.py --feature-dim 3840   # features with two context patches (3 x 1280)
 
 Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with guidance (w = 2: conditional and null branch in one batched forward pass),
@@ -12,7 +13,9 @@ Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with a condition width of 128 instead of the paper's 256 (``cond_dim=128``),
 - MoLF, steps = 1 without spatial context (bag of patches),
 - the MLP baseline (one forward pass),
-all on the same synthetic table (1280-d features as from EfficientNet-Lite0, a Visium-like grid, 50 genes).
+all on the same synthetic table (1280-d features as from EfficientNet-Lite0, a Visium-like grid, 50 genes;
+``--feature-dim 3840`` for the spot patch and two context patches concatenated, as ``benchmarks/her2st.py
+--context-um 224 448`` embeds them).
 Weights are random: speed does not depend on training. Ratios are against the MLP baseline, measured in the same run.
 With ``--device cuda`` every model predicts on the GPU (one untimed warm-up call first) and the table adds the peak
 GPU memory; the prior noise is still drawn on the CPU and the results come back to the CPU, as in ``tl.predict``.
@@ -30,7 +33,7 @@ import time
 import numpy as np
 
 
-def _table(n: int, seed: int = 0):
+def _table(n: int, seed: int = 0, dim: int = 1280):
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -55,15 +58,15 @@ def _table(n: int, seed: int = 0):
     a.layers["log1p"] = a.X.copy()
     a.layers["log1p"].data = np.log1p(a.layers["log1p"].data)
     a.obsm["spatial"] = coords
-    a.obsm["X_efficientnet_lite0"] = rng.normal(size=(n, 1280)).astype(np.float32)
+    a.obsm["X_efficientnet_lite0"] = rng.normal(size=(n, dim)).astype(np.float32)
     return a
 
 
-def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dict, q: mp.Queue) -> None:
+def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dict, dim: int, q: mp.Queue) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    a = _table(n)
+    a = _table(n, dim=dim)
     times = []
     gpu = device.startswith("cuda")
     warmup = 1 if gpu else 0
@@ -105,7 +108,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="torch device of the predictions (cpu, cuda, cuda:1, ...)")
     p.add_argument("--models", nargs="+", help="run only these rows (the MLP baseline always runs: ratios need it)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="MoLF setting for every MoLF row; repeatable")
+    p.add_argument("--feature-dim", type=int, default=1280, help="width of the patch features (default 1280)")
     args = p.parse_args()
+    if args.feature_dim < 1:
+        p.error(f"--feature-dim must be a positive width, got {args.feature_dim}")
     from histoflow.cli import _parse_settings
 
     config, train = _parse_settings(p, args.set, "molf")
@@ -130,7 +136,7 @@ def main() -> None:
         import torch
 
         print(f"device={args.device} ({torch.cuda.get_device_name(args.device)}), torch {torch.__version__}")
-    print(f"threads={args.threads} repeats={args.repeats} (median), features 1280-d, 50 genes")
+    print(f"threads={args.threads} repeats={args.repeats} (median), features {args.feature_dim}-d, 50 genes")
     if config:
         print("MoLF settings: " + ", ".join(f"{k}={v}" for k, v in config.items()))
     print()
@@ -140,7 +146,9 @@ def main() -> None:
         res = {}
         for kind, _ in rows:
             q = ctx.Queue()
-            proc = ctx.Process(target=_run, args=(kind, n, args.repeats, args.threads, args.device, config, q))
+            proc = ctx.Process(
+                target=_run, args=(kind, n, args.repeats, args.threads, args.device, config, args.feature_dim, q)
+            )
             proc.start()
             res[kind] = q.get()
             proc.join()

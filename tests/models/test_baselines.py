@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from histoflow.models import MLPBaseline, RidgeProbe
+from histoflow.models import MLPBaseline, RidgeProbe, _data
 
 N, D, G = 600, 32, 8
 TRAIN, VAL, TEST = slice(0, 400), slice(400, 500), slice(500, 600)
@@ -155,6 +155,19 @@ def test_mlp_same_seed_same_predictions(table):
     p3 = MLPBaseline(table, embedding_key="X_feat", hidden_dims=(16,), seed=6).train(**kw).predict(table)
     np.testing.assert_array_equal(p1, p2)
     assert not np.allclose(p1, p3)
+
+
+def test_mlp_predictions_do_not_depend_on_the_cpu_chunk(mlp, table, monkeypatch):
+    whole = mlp.predict(table, batch_size=len(table.obs_names))  # default budget: every spot at once here
+    width = table.obsm["X_feat"].shape[1]
+    seen = []
+    forward = mlp.module.forward
+    monkeypatch.setattr(mlp.module, "forward", lambda x: seen.append(len(x)) or forward(x))
+    monkeypatch.setattr(_data, "CPU_FEATURE_CHUNK_BYTES", 4 * width * 7)  # 7 spots per forward pass
+    chunked = mlp.predict(table, batch_size=len(table.obs_names))
+    assert set(seen[:-1]) == {7} and 1 <= seen[-1] <= 7 and sum(seen) == table.n_obs
+    # per-spot layers: only a matrix product's rounding may depend on how many rows it takes at once
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- save / load

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from histoflow.models._molf import _draw, _neighbours
+from histoflow.models import _data
+from histoflow.models._data import feature_chunk_rows
+from histoflow.models._molf import _draw, _neighbours, _spot_conditions
+from histoflow.models._velocity import ConditionEncoder
 
 
 def _brute_force(coords, libs, radius, k):
@@ -73,3 +76,40 @@ def test_draws_one_and_many():
     np.testing.assert_allclose(many["std"], xs.std(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(many["latent"], np.mean(draws, axis=0) + 1.0, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(many["z0"], z0)  # the first draw's noise
+
+
+def test_feature_chunk_rows_fit_the_cache_on_a_cpu_only():
+    budget = _data.CPU_FEATURE_CHUNK_BYTES
+    assert feature_chunk_rows(4096, 3840, on_cpu=True) == budget // (4 * 3840) == 273
+    assert feature_chunk_rows(4096, 3840, on_cpu=False) == 4096  # a GPU takes the whole batch
+    assert feature_chunk_rows(100, 8, on_cpu=True) == 100  # never more than the batch
+    assert feature_chunk_rows(4096, 10**9, on_cpu=True) == 1  # at least one spot
+
+
+def test_spot_conditions_in_cache_sized_chunks_match_whole_batches(monkeypatch):
+    torch.manual_seed(0)
+    n, width = 700, 96
+    cond = ConditionEncoder(width, 16, spatial_context="window", n_heads=2, metadata_sizes=[3]).eval()
+    rng = np.random.default_rng(0)
+    idx, off = _neighbours(rng.uniform(0, 2000, size=(n, 2)), np.zeros(n, dtype="<U1"), 300.0, 6)
+    arrays = {
+        "feats": torch.from_numpy(rng.normal(size=(n, width)).astype(np.float32)),
+        "meta": torch.from_numpy(rng.integers(0, 3, size=(n, 1))),
+    }
+    calls = []
+    project = cond.project
+    monkeypatch.setattr(cond, "project", lambda f: calls.append(len(f)) or project(f))
+    args = (cond, arrays, torch.from_numpy(idx), torch.from_numpy(off), 512, torch.device("cpu"))
+    monkeypatch.setattr(_data, "CPU_FEATURE_CHUNK_BYTES", 4 * width * 100)  # 100 spots per projection
+    with torch.no_grad():
+        chunked, attn_chunked = _spot_conditions(*args)
+    assert calls == [100] * 7
+    calls.clear()
+    monkeypatch.setattr(_data, "CPU_FEATURE_CHUNK_BYTES", 2**40)  # the whole batch (512 spots) at once
+    with torch.no_grad():
+        whole, attn_whole = _spot_conditions(*args)
+    assert calls == [512, 188]
+    # per-spot layers: the chunk changes the speed, and at most a matrix product's rounding
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    for a, b in zip(attn_chunked, attn_whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -25,7 +25,15 @@ from histoflow._constants import Key
 from histoflow._logging import logger
 from histoflow._utils import get_table
 from histoflow._validate import check_dropout, check_layer
-from histoflow.models._data import Registry, check_compatible, features, panel_genes, split_rows, targets
+from histoflow.models._data import (
+    Registry,
+    check_compatible,
+    feature_chunk_rows,
+    features,
+    panel_genes,
+    split_rows,
+    targets,
+)
 from histoflow.models._train import EpochMeanLogging, adamw, atomic_dir, fit_module, seed_everything, tensor_loaders
 
 if TYPE_CHECKING:
@@ -690,9 +698,10 @@ class MLPBaseline(_BaselineModel):
         self.module.eval()
         device = next(self.module.parameters()).device
         out = []
+        step = feature_chunk_rows(batch_size, X.shape[1], device.type == "cpu")
         with torch.no_grad():
-            for i in range(0, len(X), batch_size):
-                x = torch.as_tensor(X[i : i + batch_size], dtype=torch.float32, device=device)
+            for i in range(0, len(X), step):
+                x = torch.as_tensor(X[i : i + step], dtype=torch.float32, device=device)
                 out.append(self.module(x).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.genes)), dtype=np.float32)
 

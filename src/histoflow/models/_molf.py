@@ -23,6 +23,7 @@ from histoflow.models._data import (
     Registry,
     check_compatible,
     encoder_record,
+    feature_chunk_rows,
     features,
     metadata_codes,
     panel_genes,
@@ -1019,10 +1020,9 @@ def _spot_conditions(
     Every spot's features are projected once; the neighbour tokens of the spatial context are then gathered from the
     projections, not projected again per window.
     """
-    n = arrays["feats"].shape[0]
-    proj = torch.cat(
-        [condition.project(arrays["feats"][s : s + batch_size].to(device)) for s in range(0, n, batch_size)]
-    )
+    n, width = arrays["feats"].shape
+    step = feature_chunk_rows(batch_size, width, device.type == "cpu")
+    proj = torch.cat([condition.project(arrays["feats"][s : s + step].to(device)) for s in range(0, n, step)])
     gather = _Gather({**arrays, "feats": proj}, nbr, off)
     conds, attns = [], []
     for s in range(0, n, batch_size):

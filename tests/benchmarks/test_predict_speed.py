@@ -1,0 +1,31 @@
+"""benchmarks/predict_speed.py: its synthetic table and its arguments."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from _scripts import load_script
+
+
+def test_table_has_the_asked_feature_width_and_a_visium_like_layout():
+    mod = load_script("benchmarks/predict_speed.py", "predict_speed")
+    a = mod._table(400, dim=3840)
+    assert a.shape == (400, 50) and a.obsm["X_efficientnet_lite0"].shape == (400, 3840)
+    assert mod._table(400).obsm["X_efficientnet_lite0"].shape == (400, 1280)  # EfficientNet-Lite0's width
+    assert a.obs["split"].value_counts().to_dict() == {"train": 300, "val": 100}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--feature-dim", "0"], "--feature-dim must be a positive width, got 0"),
+        (["--models", "molf_2"], "unknown --models"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_run(monkeypatch, capsys, argv, message):
+    mod = load_script("benchmarks/predict_speed.py", "predict_speed")
+    monkeypatch.setattr(sys, "argv", ["predict_speed.py", *argv])
+    with pytest.raises(SystemExit):
+        mod.main()
+    assert message in capsys.readouterr().err
