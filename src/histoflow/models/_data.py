@@ -179,8 +179,10 @@ CPU_FEATURE_CHUNK_BYTES = 4 * 2**20
 def feature_chunk_rows(batch_size: int, width: int, on_cpu: bool) -> int:
     """Spots per forward pass over ``width``-d float32 features: ``batch_size``, smaller on a CPU to fit the cache.
 
-    Each spot's output is the same whatever the chunk (every layer on the path is per spot), so this changes only
-    the speed. On a GPU the chunk stays ``batch_size`` (fewer, larger transfers and kernels).
+    Every layer on the path is per spot, so the chunk changes the speed and at most a matrix product's rounding,
+    which can depend on how many rows it takes at once (seen only for chunks of a few spots; the predictions of the
+    benchmark tables are bit for bit those of whole batches). On a GPU the chunk stays ``batch_size`` (fewer, larger
+    transfers and kernels).
     """
     if not on_cpu:
         return batch_size
