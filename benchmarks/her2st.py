@@ -4,7 +4,8 @@
                                 [--methods molf dense mlp ridge] [--panels hvg50 hallmark] [--epochs 200]
                                 [--dihedral] [--context-um 224] [--scale-features none|slide]
                                 [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
-                                [--ensemble N [--shared-stage-one]] [--quick] [--threads 2] [--accelerator cpu|gpu]
+                                [--ensemble N [--shared-stage-one] [--rotate-validation]] [--api]
+                                [--quick] [--threads 2] [--accelerator cpu|gpu]
                                 [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
 
@@ -25,11 +26,14 @@ patients (expression only; Stage II sees only the training sections). MoLF varia
 filter-and-rank on the validation section and predict the mean of ``--n-samples`` draws (``--temperature 0``: the
 deterministic draw from the prior mean; ``--n-samples 1`` is then enough); ``--ensemble N`` averages the predictions of
 N MoLF models trained with consecutive seeds (``--shared-stage-one``: the later ones train only Stage II, on the first
-model's Stage I); each MoLF fit prints the training time and epochs of its stages. Every method is scored on the test
-section with ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC,
-SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA,
-ARI/NMI against the domains of the truth). Values are mean ± std over the folds; times are per fold (fit and
-predict; the features are shared and timed once).
+model's Stage I; ``--rotate-validation``: member ``i`` validates on the ``i``-th non-test section, the fold's
+validation section first, and trains on the others, so that the ensemble as a whole trains on every section but the
+test section; the panel stays the fold's; ``--api`` fits the ensemble with ``tl.fit_molf_ensemble`` instead); each
+MoLF fit prints the training time and epochs of its stages. Every method is scored on the test section with
+``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC
+(Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA, ARI/NMI
+against the domains of the truth). Values are mean ± std over the folds; times are per fold (fit and predict; the
+features are shared and timed once).
 
 HEST-Bench mode (``--hest-bench``): reads a HEST-Bench task folder (``<DIR>/<TASK>/adata/<id>.h5ad``,
 ``splits/{train,test}_<k>.csv``, ``var_50genes.json``, features either precomputed as
@@ -186,14 +190,24 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
         )
         return time.perf_counter() - t, np.nan
     table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata  # HEST-Bench mode passes the table
+    if getattr(args, "api", False):
+        return _fit_molf_api(sdata, table, method, args)
     fit_s = pred_s = 0.0
     members, first = [], None
-    for i in range(args.ensemble):  # --ensemble N: N models with seeds seed, seed + 1, ...; their predictions averaged
-        shared = first if args.shared_stage_one else None  # --shared-stage-one: later members reuse the first's Stage I
-        model, f, p = _fit_molf(sdata, method, args, extra, args.seed + i, stage_one=shared)
-        first = model if first is None else first
-        fit_s, pred_s = fit_s + f, pred_s + p
-        members.append(table.obsm[key].copy())
+    split = table.obs["split"].copy()
+    try:
+        for i in range(args.ensemble):  # --ensemble N: N models with seeds seed, seed + 1, …; predictions averaged
+            if getattr(args, "rotate_validation", False):  # member i validates on the i-th non-test section
+                table.obs["split"] = rotated_split(split, table.obs["library_id"], i)
+                val = ", ".join(pd.unique(table.obs["library_id"].astype(str)[table.obs["split"] == "val"]))
+                print(f"    {method} (seed {args.seed + i}): validation section {val}", flush=True)
+            shared = first if args.shared_stage_one else None  # --shared-stage-one: later members reuse its Stage I
+            model, f, p = _fit_molf(sdata, method, args, extra, args.seed + i, stage_one=shared)
+            first = model if first is None else first
+            fit_s, pred_s = fit_s + f, pred_s + p
+            members.append(table.obsm[key].copy())
+    finally:
+        table.obs["split"] = split
     if args.ensemble > 1:
         table.obsm[f"{key}_member"] = members[0]
         table.obsm[key] = sum(members) / len(members)
@@ -203,6 +217,57 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
         rec = model.decode(model.get_latent(table, np.arange(table.n_obs)))
         table.obsm[f"{key}_stage1"] = pd.DataFrame(rec, index=table.obs_names, columns=model.registry.genes)
     return fit_s, pred_s
+
+
+def _fit_molf_api(sdata, table, method: str, args: argparse.Namespace) -> tuple[float, float]:
+    """``--api``: the ensemble through ``tl.fit_molf_ensemble`` (fit, guidance, prediction in one call; its time is
+    the fit time), the first member again through ``tl.predict``; the members' split columns are dropped after."""
+    key = f"bench_{method}"
+    cfg = {**MOLF_VARIANTS[method], **args.molf_config}
+    train_kwargs = {"show_progress_bar": False, "patience": args.patience, **args.molf_train}
+    t = time.perf_counter()
+    models = hf.tl.fit_molf_ensemble(
+        sdata, args.ensemble, rotate_validation=args.rotate_validation, select_guidance=args.select_guidance,
+        embedding_key=f"X_{args.encoder}", max_epochs=args.epochs, batch_size=args.batch_size,
+        accelerator=args.accelerator, devices=1, n_samples=args.n_samples, temperature=args.temperature,
+        seed=args.seed, key_added=key, train_kwargs=train_kwargs, **cfg,
+    )  # fmt: skip
+    fit_s = time.perf_counter() - t
+    for i, model in enumerate(models):
+        print(f"    {method} (seed {args.seed + i}, api): {_stage_times(model, shared=False)}, guidance "
+              f"{model.config.guidance:g}", flush=True)  # fmt: skip
+    t = time.perf_counter()
+    device = accelerator_device(args.accelerator)
+    hf.tl.predict(models, sdata, n_samples=args.n_samples, temperature=args.temperature, seed=args.seed,
+                  device=device, key_added=f"{key}_again")  # fmt: skip
+    pred_s = time.perf_counter() - t
+    gap = np.nanmax(np.abs(table.obsm[f"{key}_again"].to_numpy() - table.obsm[key].to_numpy()))
+    print(f"    {method}: tl.predict on the members again: largest difference {gap:.2g}", flush=True)
+    if args.ensemble > 1:
+        hf.tl.predict(models[0], sdata, n_samples=args.n_samples, temperature=args.temperature, seed=args.seed,
+                      device=device, key_added=f"{key}_member")  # fmt: skip
+    for k in [c for c in table.obs if c.startswith(f"{key}_split_")]:
+        del table.obs[k]
+    return fit_s, pred_s
+
+
+def rotated_split(split: pd.Series, library_id: pd.Series, i: int) -> pd.Categorical:
+    """The split of ensemble member ``i`` under ``--rotate-validation``: the test sections stay; the validation
+    section moves ``i`` places along the non-test sections (the fold's validation section first, then its training
+    sections in the order they appear), and the fold's validation section trains in its place
+    (``tl.fit_molf_ensemble``'s rotation, with one validation section and no strata).
+
+    Member 0 keeps the fold's split; with as many members as non-test sections each of them validates once, so the
+    ensemble as a whole has trained on every section but the test section.
+    """
+    from histoflow.pp._split import _rotated_split
+
+    split, libs = np.asarray(split, dtype=str), np.asarray(library_id, dtype=str)
+    n_val = len(pd.unique(libs[split == "val"]))
+    if n_val != 1:
+        raise ValueError(f"--rotate-validation needs exactly one validation section per fold, found {n_val}")
+    out = _rotated_split(split, libs, None, i)
+    return pd.Categorical(out, categories=sorted(set(out)))
 
 
 def _fit_molf(sdata, method: str, args: argparse.Namespace, extra, seed: int, stage_one=None):
@@ -529,6 +594,19 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         help="with --ensemble: the models after the first train only Stage II, on the first model's Stage I "
         "(MoLF.train(stage_one=...)); the fit time is one Stage I and N Stage IIs",
     )
+    p.add_argument(
+        "--rotate-validation",
+        action="store_true",
+        help="with --ensemble: member i validates on the i-th non-test section (the fold's validation section first) "
+        "and trains on the others, so the ensemble trains on every section but the test section; the panel stays "
+        "the fold's",
+    )
+    p.add_argument(
+        "--api",
+        action="store_true",
+        help="MoLF rows through tl.fit_molf_ensemble (its members sample with seeds --seed + i; the prediction is "
+        "timed again with tl.predict on the list of members)",
+    )
     p.add_argument("--vae-extra", action="store_true", help="train Stage I also on the count-only sections")
     p.add_argument(
         "--stage-one",
@@ -551,6 +629,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         p.error(f"argument --ensemble: must be at least 1, got {args.ensemble}")
     if args.shared_stage_one and args.ensemble < 2:
         p.error("argument --shared-stage-one: needs --ensemble N with N of at least 2")
+    if args.rotate_validation and args.ensemble < 2:
+        p.error("argument --rotate-validation: needs --ensemble N with N of at least 2")
+    if args.api and (args.stage_one or args.shared_stage_one or args.vae_extra):
+        p.error("argument --api: not with --stage-one, --shared-stage-one or --vae-extra")
     if args.ensemble > 1 and args.stage_one:
         p.error("argument --stage-one: not with --ensemble (it describes one model); drop one of them")
     if args.quick:

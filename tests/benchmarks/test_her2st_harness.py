@@ -166,7 +166,7 @@ def _fit_setup(tmp_path, **overrides):
     args = harness.argparse.Namespace(
         encoder="enc", molf_config={"cond_dim": 16, "latent_dim": 4}, molf_train={}, patience=2, epochs=2,
         batch_size=64, accelerator="cpu", select_guidance=False, n_samples=2, temperature=1.0, seed=0,
-        stage_one=False, ensemble=1, shared_stage_one=False,
+        stage_one=False, ensemble=1, shared_stage_one=False, rotate_validation=False,
     )  # fmt: skip
     vars(args).update(overrides)
     return harness, table, args
@@ -245,6 +245,80 @@ def test_shared_stage_one_trains_later_members_on_the_first_models_stage_one(tmp
     assert len(lines) == 3 and "Stage I shared" in lines[1] and "Stage I shared" in lines[2]
     h = first.history["vae"]
     assert f"molf (seed 3): Stage I {h['time_s'].iloc[-1]:.1f} s ({len(h)} epochs), Stage II" in lines[0]
+
+
+def test_rotated_split_moves_the_validation_section_along_the_non_test_sections():
+    harness = _harness()
+    fold = harness.her2st_folds(["C2", "C3", "C4", "C5", "C6"])[0]  # C2 tests, C3 validates, C4–C6 train
+    libs = pd.Series(np.repeat(["C2", "C3", "C4", "C5", "C6"], [3, 2, 2, 2, 1]), index=[f"s{i}" for i in range(10)])
+    split = pd.Series(pd.Categorical(libs.map(fold)), index=libs.index)
+    vals = []
+    for i in range(6):
+        member = pd.Series(harness.rotated_split(split, libs, i), index=libs.index)
+        assert (member[libs == "C2"] == "test").all() and (member[libs != "C2"] != "test").all()
+        (val,) = pd.unique(libs[member == "val"])
+        assert set(libs[member == "train"]) == {"C3", "C4", "C5", "C6"} - {val}
+        vals.append(val)
+    assert vals == ["C3", "C4", "C5", "C6", "C3", "C4"]  # the fold's validation section first, then cyclically
+    assert list(harness.rotated_split(split, libs, 0)) == list(split)  # member 0 keeps the fold's split
+    with pytest.raises(ValueError, match="exactly one validation section"):
+        harness.rotated_split(split.replace({"val": "train"}), libs, 1)
+
+
+def test_rotate_validation_trains_each_member_on_its_own_split_and_restores_the_fold(tmp_path, monkeypatch, capsys):
+    harness, table, args = _fit_setup(tmp_path, seed=3, ensemble=3, rotate_validation=True)
+    before = table.obs["split"].copy()
+    seen, fit = [], harness._fit_molf
+
+    def recording(sdata, *a, **kw):
+        libs = sdata.obs["library_id"].astype(str)
+        seen.append((sorted(set(libs[sdata.obs["split"] == "val"])), sorted(set(libs[sdata.obs["split"] == "train"]))))
+        return fit(sdata, *a, **kw)
+
+    monkeypatch.setattr(harness, "_fit_molf", recording)
+    harness.fit_method(table, "molf", args, None)
+    assert seen == [
+        (["TENX0"], ["TENX1", "TENX2", "TENX3"]),
+        (["TENX1"], ["TENX0", "TENX2", "TENX3"]),
+        (["TENX2"], ["TENX0", "TENX1", "TENX3"]),
+    ]
+    pd.testing.assert_series_equal(table.obs["split"], before)  # the fold's split is back
+    out = capsys.readouterr().out
+    assert "molf (seed 4): validation section TENX1" in out and "molf (seed 5): validation section TENX2" in out
+    # a member that fails (the second, on its own split) leaves the fold's split as it was
+    calls = []
+
+    def failing_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return fit(*a, **kw)
+
+    monkeypatch.setattr(harness, "_fit_molf", failing_second)
+    with pytest.raises(RuntimeError, match="boom"):
+        harness.fit_method(table, "molf", args, None)
+    pd.testing.assert_series_equal(table.obs["split"], before)
+    with pytest.raises(SystemExit):
+        harness.main(["--rotate-validation"])
+    assert "--rotate-validation: needs --ensemble N" in capsys.readouterr().err
+
+
+def test_api_fits_the_ensemble_with_fit_molf_ensemble(tmp_path, capsys):
+    harness, table, args = _fit_setup(tmp_path, seed=3, ensemble=2, rotate_validation=True, api=True)
+    obs = list(table.obs.columns)
+    fit_s, pred_s = harness.fit_method(table, "molf", args, None)
+    assert fit_s > 0 and pred_s > 0 and list(table.obs.columns) == obs  # the members' split columns are dropped
+    u = table.uns["bench_molf"]
+    assert u["n_models"] == 2 and [u["members"][i]["seed"] for i in ("0", "1")] == [3, 4]
+    np.testing.assert_allclose(
+        table.obsm["bench_molf_again"].to_numpy(), table.obsm["bench_molf"].to_numpy(), rtol=1e-6
+    )
+    assert not np.allclose(table.obsm["bench_molf_member"].to_numpy(), table.obsm["bench_molf"].to_numpy())
+    out = capsys.readouterr().out
+    assert "molf (seed 4, api): Stage I" in out and "tl.predict on the members again: largest difference 0" in out
+    with pytest.raises(SystemExit):
+        harness.main(["--api", "--ensemble", "2", "--shared-stage-one"])
+    assert "--api: not with --stage-one, --shared-stage-one or --vae-extra" in capsys.readouterr().err
 
 
 def test_prediction_rank_is_the_correlation_rank_per_test_slide():

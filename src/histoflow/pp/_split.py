@@ -369,3 +369,32 @@ def _sizes(n: int, val: float | int, test: float | int, stratum: str) -> tuple[i
             n_test,
         )
     return n_val, n_test
+
+
+def _rotated_split(split: np.ndarray, libraries: np.ndarray, strata: np.ndarray | None, shift: int) -> np.ndarray:
+    """Move the validation slides ``shift`` places along the non-test slides, within each stratum.
+
+    Per stratum (cancer type; ``None``: one stratum) the non-test slides are ordered validation slides first, then
+    training slides, each in order of first appearance; the ``n_val`` slides from position ``shift · n_val``
+    (cyclically) validate and the others train. Test spots stay ``test``; a stratum without validation slides keeps
+    its split. ``shift = 0`` returns the split unchanged; shifts 0, 1, 2, … give every non-test slide of a stratum a
+    turn as validation slide. Raises when no slide validates.
+    """
+    split = np.asarray(split).astype(str)
+    libraries = np.asarray(libraries).astype(str)
+    strata = np.zeros(len(split), dtype=str) if strata is None else np.asarray(strata).astype(str)
+    if not (split == "val").any():
+        raise ValueError("The split has no `val` slides to rotate; make one with `histoflow.pp.split_slides` first.")
+    out = split.copy()
+    slide_stratum = {lib: _mode(strata[libraries == lib]) for lib in pd.unique(libraries)}
+    for stratum in pd.unique(pd.Series(list(slide_stratum.values()))):
+        in_stratum = np.isin(libraries, [lib for lib, s in slide_stratum.items() if s == stratum])
+        val = list(pd.unique(libraries[in_stratum & (split == "val")]))
+        if not val:
+            continue
+        order = val + list(pd.unique(libraries[in_stratum & (split == "train")]))
+        start = shift * len(val)
+        new_val = {order[(start + j) % len(order)] for j in range(len(val))}
+        rows = in_stratum & (split != "test")
+        out[rows] = np.where(np.isin(libraries[rows], list(new_val)), "val", "train")
+    return out

@@ -7,6 +7,11 @@ from histoflow.tl import metrics
 
 # baselines
 from histoflow.tl._baseline import fit_baseline
+
+# MoLF seed ensembles
+from histoflow.tl._ensemble import fit_molf_ensemble
+
+# evaluation
 from histoflow.tl._evaluate import evaluate
 
 # FLAG-style gene-token flow
@@ -20,6 +25,7 @@ __all__ = [
     "metrics",
     "fit_baseline",
     "fit_molf",
+    "fit_molf_ensemble",
     "fit_flag",
     "predict",
     "select_guidance",

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = ["fit_molf", "predict", "select_guidance", "trajectories"]
 
+#: Guidance scales swept by :func:`select_guidance` (and by :func:`fit_molf_ensemble` for each member).
+GUIDANCE_SCALES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
+
 
 def _versions() -> dict[str, str]:
     out = {}
@@ -225,7 +228,7 @@ def _train_predict_write(
 
 @doc_params()
 def predict(
-    model: MoLF | FLAG,
+    model: MoLF | FLAG | Sequence[MoLF | FLAG],
     sdata: SpatialData | AnnData,
     *,
     table_key: str = Key.table,
@@ -249,12 +252,15 @@ def predict(
     Parameters
     ----------
     model
-        A trained :class:`~histoflow.models.MoLF` or :class:`~histoflow.models.FLAG`.
+        A trained :class:`~histoflow.models.MoLF` or :class:`~histoflow.models.FLAG`, or a list of them trained on
+        the same genes and features (an ensemble, e.g. from :func:`fit_molf_ensemble`): the prediction is then the
+        mean over the members (each with ``n_samples`` draws and seed ``seed + i``), the standard deviation that of
+        all their draws together, and no latent or routing is written.
     {doc_sdata}
     steps
         Euler steps (1 = one velocity evaluation; with guidance that is two forward passes).
     guidance
-        Guidance scale (default: the model's, see :func:`select_guidance`).
+        Guidance scale (default: the model's, see :func:`select_guidance`; each member's own in an ensemble).
     n_samples
         Draws per spot; mean and standard deviation are written. For a point estimate scored by PCC, average
         several (on HER2ST 16 draws scored 0.239 against 0.227 with 4); each draw costs one velocity evaluation and
@@ -278,9 +284,15 @@ def predict(
 
     Returns
     -------
-    Writes the same keys as :func:`fit_molf` (``uns[key_added]`` holds the prediction parameters); returns the copy
-    when ``copy=True``.
+    Writes the same keys as :func:`fit_molf` (``uns[key_added]`` holds the prediction parameters), or for a list of
+    models those of :func:`fit_molf_ensemble` but the split columns; returns the copy when ``copy=True``.
     """
+    members = None
+    if isinstance(model, Sequence):
+        from histoflow.tl._ensemble import check_members
+
+        members = check_members(model)
+        model = members[0]
     key_added = type(model).__name__.lower() if key_added is None else key_added
     temperature = check_temperature(temperature)
     torch_device(device)  # a bad device fails before anything is embedded or written
@@ -326,30 +338,21 @@ def predict(
                 )
             feats_table = feats_table.copy() if feats_table is table else feats_table
             feats_table.obs[key] = "<unknown>"
-    res = model.predict(
-        feats_table,
-        steps=steps,
-        guidance=guidance,
-        n_samples=n_samples,
-        temperature=temperature,
-        seed=seed,
-        allow_unknown=allow_unknown,
-        device=device,
-    )
-    _write(
-        table,
-        model,
-        key_added,
-        np.arange(table.n_obs),
-        res,
-        {
-            "steps": steps,
-            "n_samples": n_samples,
-            "temperature": temperature,
-            "seed": seed,
-            "guidance": model.config.guidance if guidance is None else float(guidance),
-        },
-    )
+    params = {"steps": steps, "n_samples": n_samples, "temperature": temperature, "seed": seed}
+    sampling = {**params, "guidance": guidance, "allow_unknown": allow_unknown, "device": device}
+    if members is not None:
+        from histoflow.tl._ensemble import _Moments, write_ensemble
+
+        acc = _Moments()
+        for i, m in enumerate(members):
+            acc.add(m.predict(feats_table, **{**sampling, "seed": seed + i}))
+        guidances = [m.config.guidance if guidance is None else float(guidance) for m in members]
+        parts = {str(i): {"seed": seed + i, "guidance": float(g)} for i, g in enumerate(guidances)}
+        write_ensemble(table, members, key_added, np.arange(table.n_obs), *acc.result(), params, parts)
+    else:
+        res = model.predict(feats_table, **sampling)
+        params["guidance"] = model.config.guidance if guidance is None else float(guidance)
+        _write(table, model, key_added, np.arange(table.n_obs), res, params)
     if feats_table is not table and reg.embedding_key in feats_table.obsm and reg.embedding_key not in table.obsm:
         table.obsm[reg.embedding_key] = feats_table.obsm[reg.embedding_key]
         log_write("obsm", reg.embedding_key)
@@ -368,7 +371,7 @@ def select_guidance(
     sdata: SpatialData | AnnData,
     *,
     table_key: str = Key.table,
-    scales: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0),
+    scales: Sequence[float] = GUIDANCE_SCALES,
     tau: float = 0.05,
     split: str = "val",
     split_key: str = Key.split,
@@ -413,9 +416,6 @@ def select_guidance(
     The sweep table (columns ``guidance``, ``w1``, ``cosine``, ``feasible``, ``chosen``); also stored in
     ``uns[f"{key_added}_guidance"]`` with ``tau`` and the chosen scale.
     """
-    from histoflow.models._data import targets
-    from histoflow.tl._metrics import cosine_distance_per_spot, wasserstein_per_spot
-
     table = get_table(sdata, table_key)
     temperature = check_temperature(temperature)
     torch_device(device)
@@ -428,7 +428,41 @@ def select_guidance(
     rows = np.flatnonzero(table.obs[split_key].astype(str).to_numpy() == split)
     if rows.size == 0:
         raise ValueError(f"No spot has `obs[{split_key!r}] == {split!r}`; choose another `split=`.")
-    y, mask = targets(table, model.registry.genes, model.registry.layer, rows, model.keys["library_key"])
+    sweep, chosen = _guidance_sweep(
+        model, table, rows, scales=scales, tau=tau, steps=steps, n_samples=n_samples, temperature=temperature,
+        seed=seed, device=device,
+    )  # fmt: skip
+    model.config.guidance = chosen
+    table.uns[f"{key_added}_guidance"] = {
+        "sweep": sweep,
+        "tau": float(tau),
+        "chosen": chosen,
+        "split": split,
+        "temperature": temperature,
+    }
+    log_write("uns", f"{key_added}_guidance")
+    logger.info("Guidance scale %.2f chosen by filter-and-rank (tau %.2f).", chosen, tau)
+    return sweep
+
+
+def _guidance_sweep(
+    model: MoLF,
+    table: AnnData,
+    rows: np.ndarray,
+    *,
+    scales: Sequence[float],
+    tau: float,
+    steps: int,
+    n_samples: int,
+    temperature: float,
+    seed: int,
+    device: str,
+) -> tuple[pd.DataFrame, float]:
+    """Filter-and-rank on the spots ``rows`` (see :func:`select_guidance`): the sweep table and the chosen scale."""
+    from histoflow.models._data import targets
+    from histoflow.tl._metrics import cosine_distance_per_spot, wasserstein_per_spot
+
+    y, _ = targets(table, model.registry.genes, model.registry.layer, rows, model.keys["library_key"])
     records = []
     for w in scales:
         res = model.predict(
@@ -452,17 +486,7 @@ def select_guidance(
     chosen = _filter_and_rank(sweep, tau)
     sweep["feasible"] = sweep["w1"] <= (1 + tau) * sweep["w1"].min()
     sweep["chosen"] = sweep["guidance"] == chosen
-    model.config.guidance = chosen
-    table.uns[f"{key_added}_guidance"] = {
-        "sweep": sweep,
-        "tau": float(tau),
-        "chosen": chosen,
-        "split": split,
-        "temperature": temperature,
-    }
-    log_write("uns", f"{key_added}_guidance")
-    logger.info("Guidance scale %.2f chosen by filter-and-rank (tau %.2f).", chosen, tau)
-    return sweep
+    return sweep, chosen
 
 
 @doc_params()
