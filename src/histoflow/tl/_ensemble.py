@@ -25,13 +25,16 @@ __all__ = ["fit_molf_ensemble"]
 
 
 class _Moments:
-    """Running mean and variance over the members' predictions (Welford), with each member's own draws' variance."""
+    """Running mean and variance over the members' predictions (Welford), with each member's own draws' variance.
+
+    Three float32 accumulators of the predictions' size, whatever the number of members.
+    """
 
     def __init__(self) -> None:
         self.n, self.mean, self.m2, self.within = 0, None, None, None
 
     def add(self, res: dict[str, np.ndarray]) -> None:
-        x = np.asarray(res["mean"], dtype=np.float64)
+        x = np.asarray(res["mean"], dtype=np.float32)
         self.n += 1
         if self.mean is None:
             self.mean, self.m2 = x.copy(), np.zeros_like(x)
@@ -41,7 +44,7 @@ class _Moments:
             self.mean += delta / self.n
             self.m2 += delta * (x - self.mean)
         if self.within is not None:
-            self.within += np.square(np.asarray(res["std"], dtype=np.float64))
+            self.within += np.square(np.asarray(res["std"], dtype=np.float32))
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
         """The mean over members and the standard deviation over all their draws.
@@ -53,8 +56,8 @@ class _Moments:
         if self.within is not None:
             var = var + self.within / self.n
         elif self.n == 1:
-            return self.mean.astype(np.float32), None
-        return self.mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+            return self.mean, None
+        return self.mean, np.sqrt(var)
 
 
 def check_members(models: Sequence[MoLF | FLAG]) -> list[MoLF | FLAG]:
@@ -170,11 +173,12 @@ def fit_molf_ensemble(
     Returns
     -------
     The trained members (and the modified copy when ``copy=True``); :func:`predict` takes the list to predict new
-    slides. Writes ``obsm[key_added]`` (mean over members), ``layers[key_added]`` when the table's genes are exactly
-    the panel, ``obsm[f"{key_added}_std"]`` (spread of all the members' draws; when there is more than one draw in
-    all), ``uns[key_added]`` (parameters, the shared model settings, ``members``: each member's seed, guidance scale,
+    slides, and each member saves and loads as any model (:meth:`~histoflow.models.MoLF.save`, one folder each).
+    Writes ``obsm[key_added]`` (mean over members), ``layers[key_added]`` when the table's genes are exactly the
+    panel, ``obsm[f"{key_added}_std"]`` (spread of all the members' draws; when there is more than one draw in all),
+    ``uns[key_added]`` (parameters, the shared model settings, ``members``: each member's seed, guidance scale,
     training and validation slides, loss history and guidance sweep) and, with ``rotate_validation``, each member's
-    split as ``obs[f"{key_added}_split_{{i}}"]``. No member's latent or expert routing is written (they differ
+    split as ``obs[f"{key_added}_split_{i}"]``. No member's latent or expert routing is written (they differ
     between members); use a member with :func:`predict` for those. A failure leaves the table as it was.
     """
     from histoflow.models import MoLF
