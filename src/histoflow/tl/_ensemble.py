@@ -61,7 +61,7 @@ class _Moments:
 
 
 def check_members(models: Sequence[MoLF | FLAG]) -> list[MoLF | FLAG]:
-    """The members of an ensemble as a list: at least one, all trained, of one class, on the same genes and features."""
+    """The members of an ensemble as a list: at least one, of one class, on the same genes and features."""
     models = list(models)
     if not models:
         raise ValueError("`model` is an empty sequence; pass a trained model or a list of trained models.")
