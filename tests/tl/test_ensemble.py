@@ -86,6 +86,17 @@ def test_fit_writes_the_mean_of_its_members_and_documented_keys_only(ensemble):
     assert not np.allclose(preds[0]["mean"], preds[1]["mean"])
 
 
+def test_the_table_saves_and_reads_back_with_the_ensemble(ensemble, tmp_path):
+    import anndata as ad
+
+    a, _ = ensemble
+    a.write_h5ad(tmp_path / "t.h5ad")
+    b = ad.read_h5ad(tmp_path / "t.h5ad")
+    np.testing.assert_array_equal(b.obsm["molf"].to_numpy(), a.obsm["molf"].to_numpy())
+    assert b.uns["molf"]["members"]["1"]["seed"] == 5
+    assert list(b.obs["molf_split_1"].astype(str)) == list(a.obs["molf_split_1"].astype(str))
+
+
 def test_predict_takes_the_members_and_gives_the_same_numbers(ensemble):
     a, models = ensemble
     b = a.copy()
