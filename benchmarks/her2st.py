@@ -4,7 +4,8 @@
                                 [--methods molf dense mlp ridge] [--panels hvg50 hallmark] [--epochs 200]
                                 [--dihedral] [--context-um 224] [--scale-features none|slide]
                                 [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
-                                [--ensemble N [--shared-stage-one] [--rotate-validation]] [--api]
+                                [--ensemble N [--shared-stage-one] [--rotate-validation]] [--antithetic]
+                                [--api [--draws N [N ...]]] [--no-validation]
                                 [--quick] [--threads 2] [--accelerator cpu|gpu]
                                 [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
@@ -21,19 +22,25 @@ Panels, chosen on the training sections only:
 - ``hvg50``: the top 50 highly variable genes (scanpy ``seurat_v3`` on raw counts, ``pp.select_genes``);
 - ``hallmark``: every MSigDB Hallmark gene measured, with MoLF's variance tiers (low/mid/high), scored per tier.
 
-With ``--vae-extra``, MoLF's Stage I (the gene VAE) is also trained on the 25 count-only sections of the other
-patients (expression only; Stage II sees only the training sections). MoLF variants choose their guidance scale by
+With ``--vae-extra``, MoLF's Stage I (the gene VAE) is also trained on the 25 count-only sections of the other patients
+(expression only; Stage II sees only the training sections). MoLF variants choose their guidance scale by
 filter-and-rank on the validation section and predict the mean of ``--n-samples`` draws (``--temperature 0``: the
 deterministic draw from the prior mean; ``--n-samples 1`` is then enough); ``--ensemble N`` averages the predictions of
 N MoLF models trained with consecutive seeds (``--shared-stage-one``: the later ones train only Stage II, on the first
-model's Stage I; ``--rotate-validation``: member ``i`` validates on the ``i``-th non-test section, the fold's
-validation section first, and trains on the others, so that the ensemble as a whole trains on every section but the
-test section; the panel stays the fold's; ``--api`` fits the ensemble with ``tl.fit_molf_ensemble`` instead); each
+model's Stage I; ``--rotate-validation``: member ``i`` validates on the ``i``-th non-test section, the fold's validation
+section first, and trains on the others, so that the ensemble as a whole trains on every section but the test section;
+the panel stays the fold's; ``--api`` fits the ensemble with ``tl.fit_molf_ensemble`` instead, and ``--draws 1 2 4``
+then also scores the members' mean with each of these numbers of draws per member, independent and antithetic, as extra
+rows with their own prediction times); ``--antithetic`` draws the prior noise in antithetic pairs in guidance selection
+and prediction; ``--no-validation`` trains on the validation section too (the panel stays the fold's unless
+``--panel-with-validation`` chooses it on all four non-test sections), for ``--epochs`` epochs without early stopping,
+and ``--set refit=true`` trains each model twice, first with early stopping on the validation section, then from the
+same initial weights on all four non-test sections for the best epochs (both with ``--no-guidance-selection``); each
 MoLF fit prints the training time and epochs of its stages. Every method is scored on the test section with
-``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC
-(Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA, ARI/NMI
-against the domains of the truth). Values are mean ± std over the folds; times are per fold (fit and predict; the
-features are shared and timed once).
+``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's
+I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA, ARI/NMI against the
+domains of the truth). Values are mean ± std over the folds; times are per fold (fit and predict; the features are
+shared and timed once).
 
 HEST-Bench mode (``--hest-bench``): reads a HEST-Bench task folder (``<DIR>/<TASK>/adata/<id>.h5ad``,
 ``splits/{train,test}_<k>.csv``, ``var_50genes.json``, features either precomputed as
@@ -158,9 +165,10 @@ def her2st_folds(sections: list[str]) -> list[dict[str, str]]:
     return folds
 
 
-def select_panel(sdata, panel: str, gmt: Path) -> list[str]:
+def select_panel(sdata, panel: str, gmt: Path, with_validation: bool = False) -> list[str]:
+    """Choose the panel on the training sections (``with_validation``: and the validation section)."""
     table = sdata.tables["table"]
-    train = (table.obs["split"] == "train").to_numpy()
+    train = table.obs["split"].isin(["train", "val"] if with_validation else ["train"]).to_numpy()
     if panel == "hvg50":
         hf.pp.select_genes(sdata, "hvg", n_top=50, groupby=None, mask_obs=train)
     elif panel == "hallmark":
@@ -230,7 +238,7 @@ def _fit_molf_api(sdata, table, method: str, args: argparse.Namespace) -> tuple[
         sdata, args.ensemble, rotate_validation=args.rotate_validation, select_guidance=args.select_guidance,
         embedding_key=f"X_{args.encoder}", max_epochs=args.epochs, batch_size=args.batch_size,
         accelerator=args.accelerator, devices=1, n_samples=args.n_samples, temperature=args.temperature,
-        seed=args.seed, key_added=key, train_kwargs=train_kwargs, **cfg,
+        antithetic=args.antithetic, seed=args.seed, key_added=key, train_kwargs=train_kwargs, **cfg,
     )  # fmt: skip
     fit_s = time.perf_counter() - t
     for i, model in enumerate(models):
@@ -238,17 +246,35 @@ def _fit_molf_api(sdata, table, method: str, args: argparse.Namespace) -> tuple[
               f"{model.config.guidance:g}", flush=True)  # fmt: skip
     t = time.perf_counter()
     device = accelerator_device(args.accelerator)
-    hf.tl.predict(models, sdata, n_samples=args.n_samples, temperature=args.temperature, seed=args.seed,
-                  device=device, key_added=f"{key}_again")  # fmt: skip
+    sampling = {"temperature": args.temperature, "seed": args.seed, "device": device}
+    hf.tl.predict(models, sdata, n_samples=args.n_samples, antithetic=args.antithetic, **sampling,
+                  key_added=f"{key}_again")  # fmt: skip
     pred_s = time.perf_counter() - t
     gap = np.nanmax(np.abs(table.obsm[f"{key}_again"].to_numpy() - table.obsm[key].to_numpy()))
     print(f"    {method}: tl.predict on the members again: largest difference {gap:.2g}", flush=True)
     if args.ensemble > 1:
-        hf.tl.predict(models[0], sdata, n_samples=args.n_samples, temperature=args.temperature, seed=args.seed,
-                      device=device, key_added=f"{key}_member")  # fmt: skip
+        hf.tl.predict(models[0], sdata, n_samples=args.n_samples, antithetic=args.antithetic, **sampling,
+                      key_added=f"{key}_member")  # fmt: skip
+    times = {}
+    for row, n, anti in draw_rows(method, args.draws):  # --draws: the same members with other numbers of draws
+        t = time.perf_counter()
+        hf.tl.predict(models, sdata, n_samples=n, antithetic=anti, **sampling, key_added=f"bench_{row}")
+        times[row] = time.perf_counter() - t
+    table.uns["bench_predict_s"] = times
     for k in [c for c in table.obs if c.startswith(f"{key}_split_")]:
         del table.obs[k]
     return fit_s, pred_s
+
+
+def draw_rows(method: str, draws: list[int] | None) -> list[tuple[str, int, bool]]:
+    """The extra rows of ``--draws``: (row, draws per member, antithetic) — ``{method}_n{N}`` with ``N`` independent
+    draws and, for ``N`` of at least 2, ``{method}_anti{N}`` with ``N`` antithetic ones."""
+    rows = []
+    for n in draws or []:
+        rows.append((f"{method}_n{n}", n, False))
+        if n >= 2:
+            rows.append((f"{method}_anti{n}", n, True))
+    return rows
 
 
 def rotated_split(split: pd.Series, library_id: pd.Series, i: int) -> pd.Categorical:
@@ -288,12 +314,14 @@ def _fit_molf(sdata, method: str, args: argparse.Namespace, extra, seed: int, st
     device = accelerator_device(args.accelerator)
     if args.select_guidance:  # MoLF's appendix C: filter-and-rank on the validation section
         hf.tl.select_guidance(
-            model, sdata, n_samples=args.n_samples, temperature=args.temperature, device=device, key_added=key
-        )
+            model, sdata, n_samples=args.n_samples, temperature=args.temperature, antithetic=args.antithetic,
+            device=device, key_added=key,
+        )  # fmt: skip
         print(f"    {method} (seed {seed}): guidance {model.config.guidance:g} chosen by filter-and-rank", flush=True)
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
-    hf.tl.predict(model, sdata, n_samples=args.n_samples, temperature=args.temperature, device=device, key_added=key)
+    hf.tl.predict(model, sdata, n_samples=args.n_samples, temperature=args.temperature, antithetic=args.antithetic,
+                  device=device, key_added=key)  # fmt: skip
     return model, fit_s, time.perf_counter() - t
 
 
@@ -301,11 +329,15 @@ def _stage_times(model, shared: bool) -> str:
     """Seconds and epochs of each stage's training loop, from the model's history (Lightning's setup not counted)."""
     parts = []
     for label, key in (("Stage I", "scvi" if model.config.latent == "scvi" else "vae"), ("Stage II", "flow")):
-        h = model.history.get(key)
+        h, first = model.history.get(key), model.history.get(f"{key}_val")  # refit: the validation run first
         if label == "Stage I" and shared:
             parts.append("Stage I shared")
         elif h is not None and "time_s" in h and len(h):
-            parts.append(f"{label} {h['time_s'].iloc[-1]:.1f} s ({len(h)} epochs)")
+            if first is not None and "time_s" in first and len(first):
+                parts.append(f"{label} {first['time_s'].iloc[-1]:.1f} s ({len(first)} epochs) with validation, then "
+                             f"{h['time_s'].iloc[-1]:.1f} s ({len(h)} epochs) on training + validation")  # fmt: skip
+            else:
+                parts.append(f"{label} {h['time_s'].iloc[-1]:.1f} s ({len(h)} epochs)")
     return ", ".join(parts)
 
 
@@ -376,9 +408,18 @@ def print_table(results: pd.DataFrame, panel: str, gene_set: str, title: str, en
             "1draw": ", one draw",
             "stage1": ", Stage I reconstruction",
             "member": ", its first member alone",
-        }.get(extra_row, f" {extra_row}")
+        }.get(extra_row, _draws_label(extra_row))
         label = METHOD_LABELS.get(base, base) + suffix
         print(f"| {label} | " + " | ".join(cells) + f" | {fit:.1f} | {pred_cell} |")
+
+
+def _draws_label(extra_row: str) -> str:
+    """``n4`` → ", 4 draws per member", ``anti4`` → ", 4 antithetic draws per member" (``--draws`` rows)."""
+    for prefix, kind in (("anti", " antithetic"), ("n", "")):
+        if extra_row.startswith(prefix) and extra_row[len(prefix) :].isdigit():
+            n = extra_row[len(prefix) :]
+            return f", {n}{kind} draw{'' if n == '1' else 's'} per member"
+    return f" {extra_row}"
 
 
 def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
@@ -391,9 +432,11 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
         folds = [folds[i] for i in args.folds]
     for fold in folds:
         test = next(s for s, v in fold.items() if v == "test")
-        table.obs["split"] = pd.Categorical(table.obs["library_id"].astype(str).map(fold))
         for panel in args.panels:
-            genes = select_panel(sdata, panel, gmt)
+            table.obs["split"] = pd.Categorical(table.obs["library_id"].astype(str).map(fold))
+            genes = select_panel(sdata, panel, gmt, args.panel_with_validation)  # the fold's training sections
+            if args.no_validation:  # then the validation section trains too
+                table.obs["split"] = pd.Categorical(table.obs["split"].astype(str).replace("val", "train"))
             for method in args.methods:
                 fit_s, pred_s = fit_method(sdata, method, args, extra)
                 rows = [method]
@@ -401,10 +444,12 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
                     rows += [f"{method}_1draw", f"{method}_stage1"]
                 if args.ensemble > 1 and method in MOLF_VARIANTS:
                     rows.append(f"{method}_member")
+                row_s = table.uns.pop("bench_predict_s", {})  # --draws: each extra row's own prediction time
+                rows += [row for row, _, _ in draw_rows(method, args.draws if method in MOLF_VARIANTS else None)]
                 for row in rows:
                     vals = score(sdata, row)
                     for (gs, m), v in vals.items():
-                        records.append((test, panel, row, gs, m, v, fit_s, pred_s))
+                        records.append((test, panel, row, gs, m, v, fit_s, row_s.get(row, pred_s)))
                     print(
                         f"  fold {test} {panel} ({len(genes)} genes) {row}: PCC {vals.get(('all', 'pcc'), np.nan):.3f}"
                         f" GSC {vals.get(('all', 'gsc'), np.nan):.3f} SSC {vals.get(('all', 'ssc'), np.nan):.3f}"
@@ -607,6 +652,31 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         help="MoLF rows through tl.fit_molf_ensemble (its members sample with seeds --seed + i; the prediction is "
         "timed again with tl.predict on the list of members)",
     )
+    p.add_argument(
+        "--draws",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="with --api: also score the members' mean with N independent and (N >= 2) N antithetic draws per member, "
+        "each as a row with its own prediction time",
+    )
+    p.add_argument(
+        "--antithetic",
+        action="store_true",
+        help="MoLF draws the prior noise in antithetic pairs (z0, -z0) in guidance selection and prediction",
+    )
+    p.add_argument(
+        "--no-validation",
+        action="store_true",
+        help="the fold's validation section trains too (the panel stays the fold's, chosen on its three training "
+        "sections): no early stopping, Stage II trains for --epochs epochs; needs --no-guidance-selection",
+    )
+    p.add_argument(
+        "--panel-with-validation",
+        action="store_true",
+        help="choose the panel on the validation section too (four sections instead of the fold's three training "
+        "sections)",
+    )
     p.add_argument("--vae-extra", action="store_true", help="train Stage I also on the count-only sections")
     p.add_argument(
         "--stage-one",
@@ -633,6 +703,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         p.error("argument --rotate-validation: needs --ensemble N with N of at least 2")
     if args.api and (args.stage_one or args.shared_stage_one or args.vae_extra):
         p.error("argument --api: not with --stage-one, --shared-stage-one or --vae-extra")
+    if args.no_validation and (args.select_guidance or args.rotate_validation or args.hest_bench):
+        p.error("argument --no-validation: add --no-guidance-selection, and drop --rotate-validation and --hest-bench "
+                "(they need the validation section)")  # fmt: skip
+    if args.molf_train.get("refit") and args.select_guidance:
+        p.error("argument --set refit=true: add --no-guidance-selection (after the refit the validation section is a "
+                "training section, so filter-and-rank on it would score training data)")  # fmt: skip
+    if args.draws and not args.api:
+        p.error("argument --draws: needs --api (it predicts again with the members tl.fit_molf_ensemble returns)")
+    if args.draws and args.hest_bench:
+        p.error("argument --draws: HER2ST mode only; drop it with --hest-bench")
+    if args.draws and min(args.draws) < 1:
+        p.error(f"argument --draws: numbers of draws must be at least 1, got {args.draws}")
     if args.ensemble > 1 and args.stage_one:
         p.error("argument --stage-one: not with --ensemble (it describes one model); drop one of them")
     if args.quick:

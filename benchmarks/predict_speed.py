@@ -10,6 +10,10 @@ Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 10 with guidance,
 - MoLF, steps = 1 with guidance, mean of 16 draws (``n_samples=16``: the condition is encoded once, each draw is a
   velocity evaluation and a decoder pass),
+- MoLF, steps = 1 with guidance, mean of 4 antithetic draws (``antithetic=True``: two pairs ``z0``, ``-z0``),
+- three MoLF models (``tl.predict`` on the list, as from ``tl.fit_molf_ensemble``), steps = 1 with guidance, 16
+  independent draws each, and 2 antithetic draws each (the two HER2ST ensemble settings of the benchmarks page);
+  their time includes writing the predictions to the table,
 - MoLF, steps = 1 with a condition width of 128 instead of the paper's 256 (``cond_dim=128``),
 - MoLF, steps = 1 without spatial context (bag of patches),
 - the MLP baseline (one forward pass),
@@ -85,15 +89,28 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
         from histoflow.models import MoLF
 
         spatial = None if kind == "molf_bag" else "window"
-        m = MoLF(a, **{**config, "spatial_context": spatial, **({"cond_dim": 128} if kind == "molf_128" else {})})
+        kw = {**config, "spatial_context": spatial, **({"cond_dim": 128} if kind == "molf_128" else {})}
+        m = MoLF(a, **kw)
         m.is_trained = True
         steps = 10 if kind == "molf_10" else 1
-        draws = 16 if kind == "molf_16" else 1
+        draws = {"molf_16": 16, "molf_anti4": 4, "ens3_16": 16, "ens3_anti2": 2}.get(kind, 1)
+        sampling = {"steps": steps, "guidance": 2.0, "n_samples": draws, "antithetic": "anti" in kind}
+        if kind.startswith("ens3"):  # three members with their own weights, predicted through tl.predict
+            import histoflow as hf
+
+            members = [m]
+            for seed in (1, 2):
+                other = MoLF(a, **{**kw, "seed": seed})
+                other.is_trained = True
+                members.append(other)
         for i in range(warmup + repeats):
             if gpu and i == warmup:
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            m.predict(a, steps=steps, guidance=2.0, n_samples=draws, device=device)
+            if kind.startswith("ens3"):
+                hf.tl.predict(members, a, **sampling, device=device)
+            else:
+                m.predict(a, **sampling, device=device)
             if i >= warmup:
                 times.append(time.perf_counter() - t)
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if gpu else float("nan")
@@ -122,6 +139,9 @@ def main() -> None:
         ("molf", "MoLF, 1 step, guidance w=2"),
         ("molf_10", "MoLF, 10 steps, guidance w=2"),
         ("molf_16", "MoLF, 1 step, w=2, mean of 16 draws"),
+        ("molf_anti4", "MoLF, 1 step, w=2, mean of 4 antithetic draws"),
+        ("ens3_16", "3 MoLF models, 1 step, w=2, 16 draws each"),
+        ("ens3_anti2", "3 MoLF models, 1 step, w=2, 2 antithetic draws each"),
         ("molf_128", "MoLF, 1 step, w=2, cond_dim=128"),
         ("molf_bag", "MoLF, 1 step, w=2, no spatial context"),
         ("mlp", "MLP baseline"),

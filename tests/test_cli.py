@@ -162,6 +162,7 @@ def test_defaults_are_those_of_the_python_api():
     assert d["fit_molf"]["max_epochs"] == 300 and d["fit_baseline"]["max_epochs"] == 100
     assert d["predict"]["steps"] == 1 and d["predict"]["n_samples"] == 1 and d["predict"]["key_added"] is None
     assert pred.temperature is None and d["predict"]["temperature"] == 1.0
+    assert pred.antithetic is None and d["predict"]["antithetic"] is False
     assert pred.device is None and d["predict"]["device"] == "auto"
 
 
@@ -217,6 +218,14 @@ def test_zarr_chain_fit_predict_evaluate(embedded, tmp_path, capsys):
     tp, tp7 = _read(point), _read(tmp_path / "point7.zarr")
     assert tp.uns["point"]["params"]["temperature"] == 0.0
     np.testing.assert_allclose(tp.obsm["point"].to_numpy(), tp7.obsm["point"].to_numpy(), rtol=1e-6, atol=1e-7)
+    # antithetic pairs of draws: recorded, and the mean of the pair differs from two independent draws
+    pairs = tmp_path / "pairs.zarr"
+    args = ["predict", str(fitted), "--model-dir", str(model), "--n-samples", "2", "--key-added", "pairs", "-q"]
+    assert main([*args, "--output", str(pairs), "--antithetic"]) == 0
+    assert main([*args, "--output", str(tmp_path / "iid.zarr")]) == 0
+    tpair, tiid = _read(pairs), _read(tmp_path / "iid.zarr")
+    assert tpair.uns["pairs"]["params"]["antithetic"] and not tiid.uns["pairs"]["params"]["antithetic"]
+    assert not np.allclose(tpair.obsm["pairs"].to_numpy(), tiid.obsm["pairs"].to_numpy())
 
     # evaluate: printed table, CSV with every row
     csv = tmp_path / "metrics.csv"
@@ -336,6 +345,7 @@ def test_write_atomic_keeps_the_old_output_on_failure(tmp_path):
         (["predict", "{h5ad}", "--model-dir", "{root}/nothing"], "predict", r"--model-dir: .* is not a folder"),
         (["predict", "{h5ad}", "--model-dir", "{model}", "--steps", "2"], "predict", r"--steps: applies to MoLF"),
         (["predict", "{h5ad}", "--model-dir", "{model}", "--device", "cpu"], "predict", r"--device: applies to MoLF"),
+        (["predict", "{h5ad}", "--model-dir", "{model}", "--antithetic"], "predict", r"--antithetic: applies to MoLF"),
         (["evaluate", "{h5ad}"], "evaluate", r"the following arguments are required: --pred-key"),
         (["evaluate", "{fitted}", "--pred-key", "ridge", "--csv", "{fitted}"], "evaluate", r"--csv: .* exists; pass"),
         (["demo", "--baselines", "svm"], "demo", r"argument --baselines: unknown baseline\(s\) \['svm'\]"),

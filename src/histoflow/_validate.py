@@ -138,3 +138,10 @@ def check_temperature(temperature: Any) -> float:
             f"point estimate), got {temperature!r}."
         )
     return float(temperature)
+
+
+def check_bool(value: Any, arg: str) -> bool:
+    """``value`` as a bool; a TypeError naming ``arg`` unless it is True or False (NumPy's bools included)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"`{arg}` must be True or False, got {value!r}.")
+    return bool(value)

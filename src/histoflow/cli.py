@@ -548,6 +548,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "--guidance": args.guidance,
             "--n-samples": args.n_samples,
             "--temperature": args.temperature,
+            "--antithetic": args.antithetic,
             "--device": args.device,
         }
         given = [option for option, value in molf_only.items() if value is not None]
@@ -566,6 +567,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             n_samples=d["n_samples"] if args.n_samples is None else args.n_samples,
             temperature=d["temperature"] if args.temperature is None else args.temperature,
+            antithetic=d["antithetic"] if args.antithetic is None else args.antithetic,
             seed=args.seed,
             allow_unknown=args.allow_unknown,
             device=d["device"] if args.device is None else args.device,
@@ -1082,6 +1084,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help=f"scale of the prior noise, MoLF: 0 gives the point estimate (default {prd['temperature']})",
+    )
+    p.add_argument(
+        "--antithetic",
+        action="store_true",
+        default=None,
+        help="draw the prior noise in antithetic pairs (z0, -z0), MoLF: a closer mean for the same --n-samples",
     )
     p.add_argument("--seed", type=int, default=prd["seed"], help="seed of the prior noise")
     p.add_argument("--allow-unknown", action="store_true", help="predict unseen cancer types with the null token")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata as ad
 import h5py
@@ -166,7 +167,7 @@ def _fit_setup(tmp_path, **overrides):
     args = harness.argparse.Namespace(
         encoder="enc", molf_config={"cond_dim": 16, "latent_dim": 4}, molf_train={}, patience=2, epochs=2,
         batch_size=64, accelerator="cpu", select_guidance=False, n_samples=2, temperature=1.0, seed=0,
-        stage_one=False, ensemble=1, shared_stage_one=False, rotate_validation=False,
+        stage_one=False, ensemble=1, shared_stage_one=False, rotate_validation=False, antithetic=False, draws=None,
     )  # fmt: skip
     vars(args).update(overrides)
     return harness, table, args
@@ -319,6 +320,68 @@ def test_api_fits_the_ensemble_with_fit_molf_ensemble(tmp_path, capsys):
     with pytest.raises(SystemExit):
         harness.main(["--api", "--ensemble", "2", "--shared-stage-one"])
     assert "--api: not with --stage-one, --shared-stage-one or --vae-extra" in capsys.readouterr().err
+
+
+def test_draws_rows_predict_the_members_again_with_other_numbers_of_draws(tmp_path, capsys):
+    harness, table, args = _fit_setup(tmp_path, seed=3, ensemble=2, rotate_validation=True, api=True, draws=[1, 2])
+    harness.fit_method(table, "molf", args, None)
+    rows = harness.draw_rows("molf", args.draws)
+    assert rows == [("molf_n1", 1, False), ("molf_n2", 2, False), ("molf_anti2", 2, True)]
+    assert set(table.uns["bench_predict_s"]) == {"molf_n1", "molf_n2", "molf_anti2"}
+    got = {row: table.obsm[f"bench_{row}"].to_numpy() for row, _, _ in rows}
+    np.testing.assert_allclose(got["molf_n2"], table.obsm["bench_molf"].to_numpy(), rtol=1e-6)  # the fit's draws
+    assert not np.allclose(got["molf_anti2"], got["molf_n2"]) and not np.allclose(got["molf_n1"], got["molf_n2"])
+    assert table.uns["bench_molf_anti2"]["params"]["antithetic"] is True
+    results = pd.DataFrame(
+        [("C2", "hvg50", m, "all", "pcc", 0.1, 1.0, 0.2) for m in ("molf", "molf_n1", "molf_anti2")],
+        columns=["fold", "panel", "method", "gene_set", "metric", "value", "fit_s", "predict_s"],
+    )
+    capsys.readouterr()
+    harness.print_table(results, "hvg50", "all", "t", ensemble=2)
+    out = capsys.readouterr().out
+    assert "| MoLF (MoE, window context), 1 draw per member |" in out
+    assert "| MoLF (MoE, window context), 2 antithetic draws per member |" in out
+    # --antithetic: the fit's own draws come in pairs, in guidance selection and prediction
+    harness, table, args = _fit_setup(tmp_path / "anti", seed=3, ensemble=2, api=True, antithetic=True)
+    harness.fit_method(table, "molf", args, None)
+    assert table.uns["bench_molf"]["params"]["antithetic"] is True
+    for argv, message in (
+        (["--draws", "4"], "--draws: needs --api"),
+        (["--api", "--ensemble", "2", "--draws", "0"], "numbers of draws must be at least 1"),
+    ):
+        with pytest.raises(SystemExit):
+            harness.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_refit_trains_on_the_validation_section_too_and_needs_fixed_guidance(tmp_path, capsys):
+    harness, table, args = _fit_setup(tmp_path, molf_train={"refit": True})
+    model, _, _ = harness._fit_molf(table, "molf", args, None, 0)
+    assert model._train_libraries["val"] == [] and "TENX0" in model._train_libraries["train"]
+    out = capsys.readouterr().out
+    assert "with validation, then" in out and "on training + validation" in out
+    for argv in (["--set", "refit=true"], ["--no-validation"], ["--no-validation", "--no-guidance-selection",
+                 "--ensemble", "2", "--rotate-validation"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            harness.main(argv)
+        assert "add --no-guidance-selection" in capsys.readouterr().err
+
+
+def test_panel_is_chosen_on_the_training_sections_or_with_the_validation_section(monkeypatch):
+    harness = _harness()
+    obs = pd.DataFrame({"split": ["train", "val", "test", "train"]})
+    table = ad.AnnData(np.ones((4, 3), dtype=np.float32), obs=obs)
+    masks = []
+
+    def fake_select_genes(sdata, flavor, mask_obs, **kwargs):
+        masks.append(mask_obs.tolist())
+        sdata.tables["table"].var["histoflow_panel"] = [True, False, True]
+
+    monkeypatch.setattr(harness.hf.pp, "select_genes", fake_select_genes)
+    sdata = SimpleNamespace(tables={"table": table})
+    assert harness.select_panel(sdata, "hvg50", Path("h.gmt")) == ["0", "2"]
+    harness.select_panel(sdata, "hvg50", Path("h.gmt"), with_validation=True)
+    assert masks == [[True, False, False, True], [True, True, False, True]]
 
 
 def test_prediction_rank_is_the_correlation_rank_per_test_slide():

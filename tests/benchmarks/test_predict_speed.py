@@ -29,3 +29,21 @@ def test_bad_arguments_are_refused_before_any_run(monkeypatch, capsys, argv, mes
     with pytest.raises(SystemExit):
         mod.main()
     assert message in capsys.readouterr().err
+
+
+class _Queue(list):
+    put = list.append
+
+
+@pytest.mark.parametrize("kind", ["molf_anti4", "ens3_anti2"])
+def test_antithetic_and_ensemble_rows_predict_and_report_a_time(kind):
+    import torch
+
+    mod = load_script("benchmarks/predict_speed.py", "predict_speed")
+    q, threads = _Queue(), torch.get_num_threads()
+    try:
+        mod._run(kind, 300, 2, 1, "cpu", {"cond_dim": 16, "latent_dim": 8}, 32, q)
+    finally:
+        torch.set_num_threads(threads)  # _run sets the thread count of its (normally fresh) process
+    [(sec, rss, gpu_mb)] = q
+    assert sec > 0 and rss > 0 and gpu_mb != gpu_mb  # no GPU: NaN

@@ -78,6 +78,32 @@ def test_draws_one_and_many():
     np.testing.assert_array_equal(many["z0"], z0)  # the first draw's noise
 
 
+def test_antithetic_draws_pair_each_noise_with_its_negation():
+    def linear(sl, z0, record):  # a model linear in the noise: expression 5 + z0, never clipped
+        return {"x": 5.0 + z0[:, :3], "latent": z0}
+
+    gen = torch.Generator().manual_seed(3)
+    first, second = (torch.randn(10, 4, generator=gen).numpy() for _ in range(2))
+    iid = _draw(linear, 10, 4, (3, 4, 1), n_samples=4, seed=3, batch_size=4, record=False)
+    pairs = _draw(linear, 10, 4, (3, 4, 1), n_samples=4, seed=3, batch_size=4, record=False, antithetic=True)
+    # draws 0, 1 start at first and -first, draws 2, 3 at second and -second: what is linear cancels in each pair
+    np.testing.assert_array_equal(pairs["z0"], first)
+    np.testing.assert_allclose(pairs["mean"], 5.0, atol=1e-6)
+    np.testing.assert_allclose(pairs["latent"], 0.0, atol=1e-6)
+    spread = np.sqrt((first[:, :3] ** 2 + second[:, :3] ** 2) / 2)  # each draw is still a sample of the model
+    np.testing.assert_allclose(pairs["std"], spread, rtol=1e-4, atol=1e-4)
+    assert np.abs(iid["mean"] - 5.0).max() > 0.1  # independent draws do not cancel
+    # an odd number of draws ends with an unpaired one: the third noise is the second independent draw
+    odd = _draw(linear, 10, 4, (3, 4, 1), n_samples=3, seed=3, batch_size=4, record=False, antithetic=True)
+    np.testing.assert_allclose(odd["mean"], 5.0 + second[:, :3] / 3, rtol=1e-5, atol=1e-6)
+    # the temperature scales both members of a pair; one draw is the independent draw
+    hot = _draw(linear, 10, 4, (3, 4, 1), n_samples=2, seed=3, batch_size=4, record=False, antithetic=True,
+                temperature=0.5)  # fmt: skip
+    np.testing.assert_allclose(hot["std"], 0.5 * np.abs(first[:, :3]), rtol=1e-4, atol=1e-4)
+    one = _draw(linear, 10, 4, (3, 4, 1), n_samples=1, seed=3, batch_size=4, record=False, antithetic=True)
+    np.testing.assert_array_equal(one["mean"], 5.0 + first[:, :3])
+
+
 def test_feature_chunk_rows_fit_the_cache_on_a_cpu_only():
     budget = _data.CPU_FEATURE_CHUNK_BYTES
     assert feature_chunk_rows(4096, 3840, on_cpu=True) == budget // (4 * 3840) == 273

@@ -92,6 +92,10 @@ def test_predict_evaluate_trajectories_guidance(fitted):
     assert (cold["z0"] == 0).all()
     np.testing.assert_allclose(cold["mean"], model.predict(a, steps=2, temperature=0, seed=2)["mean"], rtol=1e-6)
     assert not np.allclose(model.predict(a, steps=2, seed=1)["mean"], model.predict(a, steps=2, seed=2)["mean"])
+    # antithetic pairs: the first draw is the independent one, the pair's mean is another prediction
+    iid, pairs = (model.predict(a, steps=2, n_samples=2, seed=1, antithetic=anti) for anti in (False, True))
+    np.testing.assert_array_equal(pairs["z0"], iid["z0"])
+    assert not np.allclose(pairs["mean"], iid["mean"]) and (pairs["std"] > 0).any()
 
 
 def test_copy_and_path_embeddings(tmp_path):

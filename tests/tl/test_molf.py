@@ -236,11 +236,74 @@ def test_temperature_scales_the_prior_noise_and_zero_gives_one_deterministic_poi
     assert (set(b.obsm), set(b.uns)) == keys
 
 
+def test_antithetic_draws_through_predict_and_select_guidance(fitted):
+    a, model = fitted
+    iid = model.predict(a, seed=5, n_samples=4)
+    pairs = model.predict(a, seed=5, n_samples=4, antithetic=True)
+    np.testing.assert_array_equal(pairs["z0"], iid["z0"])  # the first draw is the same
+    assert not np.allclose(pairs["mean"], iid["mean"]) and (pairs["std"] > 0).any()
+    np.testing.assert_array_equal(pairs["mean"], model.predict(a, seed=5, n_samples=4, antithetic=True)["mean"])
+    one = model.predict(a, seed=5, antithetic=True)  # one draw has no pair: the independent draw
+    np.testing.assert_array_equal(one["mean"], model.predict(a, seed=5)["mean"])
+    b = a.copy()
+    hf.tl.predict(model, b, n_samples=4, seed=5, antithetic=True, key_added="pairs")
+    np.testing.assert_allclose(b.obsm["pairs"].to_numpy(), pairs["mean"], rtol=1e-6)
+    assert b.uns["pairs"]["params"]["antithetic"] is True and a.uns["molf"]["params"]["antithetic"] is False
+    guidance = model.config.guidance
+    hf.tl.select_guidance(model, b, scales=(0.0, 1.0), n_samples=2, antithetic=True, key_added="pairs")
+    assert b.uns["pairs_guidance"]["antithetic"] is True
+    model.config.guidance = guidance
+    keys = set(b.obsm), set(b.uns)
+    for call in (
+        lambda: hf.tl.predict(model, b, antithetic="yes", key_added="bad"),
+        lambda: hf.tl.select_guidance(model, b, antithetic=1, key_added="bad"),
+        lambda: model.predict(b, antithetic=None),
+    ):
+        with pytest.raises(TypeError, match="`antithetic` must be True or False"):
+            call()
+    assert (set(b.obsm), set(b.uns)) == keys and model.config.guidance == guidance
+
+
+def test_refit_trains_again_on_the_validation_slides_for_the_best_epochs():
+    a = _table()
+    run = {"batch_size": 64, "accelerator": "cpu", "devices": 1, **TRAIN}
+    model = MoLF(a, embedding_key="X_feat", **SMALL).train(8, refit=True, **run)
+    assert set(model.history) == {"vae_val", "flow_val", "vae", "flow"}
+    best = {k: int(model.history[f"{k}_val"]["val_loss"].idxmin()) + 1 for k in ("vae", "flow")}
+    assert {k: len(model.history[k]) for k in best} == best and "val_loss" not in model.history["flow"]
+    libs = a.obs["library_id"].astype(str)
+    train_val = sorted(libs[a.obs["split"].isin(["train", "val"])].unique())
+    assert model._train_libraries["train"] == train_val and model._train_libraries["val"] == []
+    # the same as a model that never had validation slides, trained for those epochs from the same weights
+    b = a.copy()
+    b.obs["split"] = b.obs["split"].astype(str).replace("val", "train")
+    plain = MoLF(b, embedding_key="X_feat", **SMALL).train(best["flow"], vae_epochs=best["vae"], **run)
+    np.testing.assert_allclose(model.predict(a, seed=1)["mean"], plain.predict(b, seed=1)["mean"], rtol=1e-5, atol=1e-6)
+    # through fit_molf's train_kwargs, recorded in the history written to uns
+    hf.tl.fit_molf(b := a.copy(), embedding_key="X_feat", max_epochs=8, train_kwargs={**TRAIN, "refit": True},
+                   batch_size=64, accelerator="cpu", devices=1, **SMALL)  # fmt: skip
+    assert {"vae_val", "flow_val", "vae", "flow"} == set(b.uns["molf"]["history"])
+    np.testing.assert_allclose(b.obsm["molf"].to_numpy(), model.predict(a)["mean"], rtol=1e-5, atol=1e-6)
+    # refused before anything is trained
+    no_val = a.copy()
+    no_val.obs["split"] = no_val.obs["split"].astype(str).replace("val", "train")
+    for m, kwargs, err, match in (
+        (MoLF(no_val, embedding_key="X_feat", **SMALL), {"refit": True}, ValueError, "no validation slides"),
+        (MoLF(a, embedding_key="X_feat", **SMALL), {"refit": "yes"}, TypeError, "`refit` must be True or False"),
+        (MoLF(a, embedding_key="X_feat", **SMALL), {"refit": True, "resume": True}, ValueError, "Drop one"),
+    ):
+        with pytest.raises(err, match=match):
+            m.train(2, **run, **kwargs)
+        assert not m.is_trained and m.history == {}
+
+
 def test_fit_checks_temperature_before_training():
     a = _table()
     keys = set(a.obsm), set(a.uns)
     with pytest.raises(ValueError, match="`temperature` must be a finite number"):
         hf.tl.fit_molf(a, embedding_key="X_feat", max_epochs=1, temperature=-1.0, train_kwargs=TRAIN, **SMALL)
+    with pytest.raises(TypeError, match="`antithetic` must be True or False"):
+        hf.tl.fit_molf(a, embedding_key="X_feat", max_epochs=1, antithetic="no", train_kwargs=TRAIN, **SMALL)
     assert (set(a.obsm), set(a.uns)) == keys
 
 

@@ -674,6 +674,7 @@ class FLAG:
         guidance: float | None = None,
         n_samples: int = 1,
         temperature: float = 1.0,
+        antithetic: bool = False,
         seed: int = 0,
         batch_size: int = 1024,
         allow_unknown: bool = False,
@@ -698,6 +699,8 @@ class FLAG:
         temperature
             Scale of the prior noise, ``x0 ~ N(0, temperature² I)``: 1 (default) samples the model as trained, 0
             starts every spot at the prior mean (one deterministic draw, the model's point estimate).
+        antithetic
+            Draw the prior noise in antithetic pairs, ``x0`` and ``-x0`` (see ``MoLF.predict``).
         seed
             Seed of the prior noise; the same seed gives the same numbers.
         batch_size
@@ -718,11 +721,12 @@ class FLAG:
         ``trajectory`` (``steps + 1`` × spots × genes, when recorded).
         """
         dev = torch_device(device)  # a device this machine lacks fails before any work
-        adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples, temperature)
+        adata, rows = _prediction_inputs(self, adata, rows, steps, n_samples, temperature, antithetic)
         w = self.config.guidance if guidance is None else float(guidance)
         arrays, nbr, off = self._arrays(adata, rows, with_targets=False, allow_unknown=allow_unknown)
         n, g = len(rows), len(self.registry.genes)
         draws = {"n_samples": n_samples, "seed": seed, "batch_size": batch_size, "record": record_trajectories}
+        draws["antithetic"] = bool(antithetic)
         try:
             flow = self.flow.to(dev).eval()
             cond, attns = _spot_conditions(flow.condition, arrays, nbr, off, batch_size, dev)

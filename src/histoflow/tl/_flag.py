@@ -43,6 +43,7 @@ def fit_flag(
     steps: int = 1,
     n_samples: int = 1,
     temperature: float = 1.0,
+    antithetic: bool = False,
     seed: int = 0,
     key_added: str = "flag",
     train_kwargs: dict[str, Any] | None = None,
@@ -95,6 +96,8 @@ def fit_flag(
         Draws per spot at prediction (their spread goes to ``obsm[f"{key_added}_std"]``).
     temperature
         Scale of the prior noise at prediction: 1 samples the model, 0 gives its deterministic point estimate.
+    antithetic
+        Draw the prior noise in antithetic pairs at prediction (see :meth:`histoflow.models.FLAG.predict`).
     seed
         Seed for training and sampling; the same seed gives the same numbers on CPU.
     key_added
@@ -141,6 +144,7 @@ def fit_flag(
         steps=steps,
         n_samples=n_samples,
         temperature=temperature,
+        antithetic=antithetic,
         seed=seed,
         key_added=key_added,
         embedding_key=embedding_key,
