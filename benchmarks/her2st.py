@@ -5,7 +5,7 @@
                                 [--dihedral] [--context-um 224] [--scale-features none|slide]
                                 [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
                                 [--ensemble N [--shared-stage-one] [--rotate-validation]] [--antithetic]
-                                [--api [--draws N [N ...]]] [--no-validation]
+                                [--api [--draws N [N ...]]] [--no-validation] [--panel-with-validation]
                                 [--quick] [--threads 2] [--accelerator cpu|gpu]
                                 [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]

@@ -582,8 +582,8 @@ class MoLF:
             the training data instead of only choosing when to stop. The first run's histories stay as
             ``history["vae_val"]`` and ``history["flow_val"]``; ``history["vae"]`` and ``history["flow"]`` are the
             second run's (training losses only). Training takes the two runs' time. ``latent="vae"`` only. On HER2ST,
-            where three sections train and one validates, this added 0.005 to one model's PCC (0.309 against 0.304,
-            benchmarks page).
+            where three sections train and one validates, this added 0.005–0.010 to one model's PCC (0.309 against
+            0.304 and 0.299 with two seeds; benchmarks page).
 
         Returns
         -------
