@@ -140,6 +140,8 @@ def test_bad_inputs_and_failures_leave_the_table_as_it_was(monkeypatch):
     for n in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="`n_models` must be a positive integer"):
             hf.tl.fit_molf_ensemble(a, n, **FIT)
+    with pytest.raises(ValueError, match="pass `select_guidance=False`"):
+        hf.tl.fit_molf_ensemble(a, 2, train_kwargs={"refit": True}, **FIT)
     with pytest.raises(KeyError, match="`split_key='nope'`.*split_slides"):
         hf.tl.fit_molf_ensemble(a, 2, split_key="nope", **FIT)
     no_val = a.copy()

@@ -156,7 +156,8 @@ def fit_molf_ensemble(
         Give each member other validation slides (see above); False: every member uses ``obs[split_key]``.
     select_guidance
         Choose each member's guidance scale by filter-and-rank on its validation slides (sampled with ``steps``,
-        ``n_samples``, ``temperature``, ``antithetic``); False keeps the configured scale.
+        ``n_samples``, ``temperature``, ``antithetic``); False keeps the configured scale. Refused with
+        ``train_kwargs={"refit": True}``, which trains each member on its validation slides too.
     embedding_key, layer, genes, cancer_type_key, metadata_keys, library_key, split_key
         As in :func:`fit_molf`. ``cancer_type_key`` also groups the slides whose validation turn rotates.
     max_epochs, batch_size, accelerator, devices, strategy, train_kwargs
@@ -191,6 +192,11 @@ def fit_molf_ensemble(
         raise ValueError(f"`n_models` must be a positive integer, got {n_models!r}.")
     temperature = check_temperature(temperature)
     antithetic = check_bool(antithetic, "antithetic")
+    if select_guidance and (train_kwargs or {}).get("refit"):
+        raise ValueError(
+            "`train_kwargs={'refit': True}` trains each member on its validation slides too, so choosing its guidance "
+            "scale on them would score training data; pass `select_guidance=False` (and `guidance=` to fix a scale)."
+        )
     target = copy_data(sdata, table_key) if copy else sdata
     table = get_table(target, table_key)
     split_keys = [split_key] * n_models
