@@ -264,7 +264,7 @@ def test_antithetic_draws_through_predict_and_select_guidance(fitted):
     assert (set(b.obsm), set(b.uns)) == keys and model.config.guidance == guidance
 
 
-def test_refit_trains_again_on_the_validation_slides_for_the_best_epochs():
+def test_refit_trains_again_on_the_validation_slides_for_the_best_epochs(caplog):
     a = _table()
     run = {"batch_size": 64, "accelerator": "cpu", "devices": 1, **TRAIN}
     model = MoLF(a, embedding_key="X_feat", **SMALL).train(8, refit=True, **run)
@@ -284,6 +284,9 @@ def test_refit_trains_again_on_the_validation_slides_for_the_best_epochs():
                    batch_size=64, accelerator="cpu", devices=1, **SMALL)  # fmt: skip
     assert {"vae_val", "flow_val", "vae", "flow"} == set(b.uns["molf"]["history"])
     np.testing.assert_allclose(b.obsm["molf"].to_numpy(), model.predict(a)["mean"], rtol=1e-5, atol=1e-6)
+    with caplog.at_level("WARNING", logger="histoflow"):
+        hf.tl.select_guidance(model, a, scales=(1.0,), key_added="refit")
+    assert "the sweep scores slides it trained on" in caplog.text
     # refused before anything is trained
     no_val = a.copy()
     no_val.obs["split"] = no_val.obs["split"].astype(str).replace("val", "train")

@@ -449,6 +449,11 @@ def select_guidance(
     rows = np.flatnonzero(table.obs[split_key].astype(str).to_numpy() == split)
     if rows.size == 0:
         raise ValueError(f"No spot has `obs[{split_key!r}] == {split!r}`; choose another `split=`.")
+    if "flow_val" in getattr(model, "history", {}):
+        logger.warning(
+            "The model was refitted on its validation slides (`refit=True`): the sweep scores slides it trained on. "
+            "Keep the default guidance, or choose it with a model trained without `refit`."
+        )
     sweep, chosen = _guidance_sweep(
         model, table, rows, scales=scales, tau=tau, steps=steps, n_samples=n_samples, temperature=temperature,
         antithetic=antithetic, seed=seed, device=device,
