@@ -884,7 +884,7 @@ class MoLF:
             draw is still a sample of the model, but the mean of the draws is a closer estimate of the model's mean
             prediction for the same number of draws (what is linear in the noise cancels within a pair). On HER2ST
             a three-model ensemble with 2 antithetic draws per model scored a higher PCC than with 2 independent
-            ones on both seed triples tried, and on one of them as high as with 32 (benchmarks page).
+            ones on the three seed triples tried, and on one of them as high as with 32 (benchmarks page).
         seed
             Seed of the prior noise; the same seed gives the same numbers.
         batch_size

@@ -279,8 +279,8 @@ def predict(
     antithetic
         Draw the prior noise in antithetic pairs, ``z0`` and ``-z0`` (see :meth:`histoflow.models.MoLF.predict`): the
         mean of the draws is then a closer estimate of the model's mean prediction. On HER2ST three rotated members
-        with 2 antithetic draws each scored PCC 0.321 and 0.315 on two seed triples, against 0.317 and 0.313 with 2
-        independent draws each and 0.320 and 0.318 with 16 (benchmarks page).
+        with 2 antithetic draws each scored PCC 0.321, 0.315 and 0.319 on three seed triples, against 0.317, 0.313
+        and 0.316 with 2 independent draws each and 0.320, 0.318 and 0.320 with 16 (benchmarks page).
     seed
         Seed of the prior noise.
     allow_unknown
