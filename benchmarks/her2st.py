@@ -5,7 +5,8 @@
                                 [--dihedral] [--context-um 224] [--scale-features none|slide]
                                 [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
                                 [--ensemble N [--shared-stage-one] [--rotate-validation]] [--antithetic]
-                                [--api [--draws N [N ...]]] [--no-validation] [--panel-with-validation]
+                                [--api [--draws N [N ...]] [--distil W]] [--no-validation]
+                                [--panel-with-validation]
                                 [--quick] [--threads 2] [--accelerator cpu|gpu]
                                 [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
@@ -31,12 +32,16 @@ model's Stage I; ``--rotate-validation``: member ``i`` validates on the ``i``-th
 section first, and trains on the others, so that the ensemble as a whole trains on every section but the test section;
 the panel stays the fold's; ``--api`` fits the ensemble with ``tl.fit_molf_ensemble`` instead, and ``--draws 1 2 4``
 then also scores the members' mean with each of these numbers of draws per member, independent and antithetic, as extra
-rows with their own prediction times); ``--antithetic`` draws the prior noise in antithetic pairs in guidance selection
-and prediction; ``--no-validation`` trains on the validation section too (the panel stays the fold's unless
-``--panel-with-validation`` chooses it on all four non-test sections), for ``--epochs`` epochs without early stopping,
-and ``--set refit=true`` trains each model twice, first with early stopping on the validation section, then from the
-same initial weights on all four non-test sections for the best epochs (both with ``--no-guidance-selection``); each
-MoLF fit prints the training time and epochs of its stages. Every method is scored on the test section with
+rows with their own prediction times (``t0``: one draw per member at temperature 0), and ``--distil W`` also trains one
+student MoLF on ``W`` × the ensemble's prediction + (1 − ``W``) × the measured expression of the training and validation
+sections and scores it with 1, 2 and 16 draws (independent and antithetic) and at temperature 0); ``--antithetic`` draws
+the prior noise in antithetic pairs in guidance selection and prediction; ``--no-validation`` trains on the validation
+section too (the panel stays the fold's unless ``--panel-with-validation`` chooses it on all four non-test sections),
+for ``--epochs`` epochs without early stopping, and ``--set refit=true`` trains each model twice, first with early
+stopping on the validation section, then from the same initial weights on all four non-test sections for the best epochs
+(both with ``--no-guidance-selection``); each MoLF fit prints the training time and epochs of its stages. Every method
+is
+scored on the test section with
 ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's
 I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA, ARI/NMI against the
 domains of the truth). Values are mean ± std over the folds; times are per fold (fit and predict; the features are
@@ -256,25 +261,87 @@ def _fit_molf_api(sdata, table, method: str, args: argparse.Namespace) -> tuple[
         hf.tl.predict(models[0], sdata, n_samples=args.n_samples, antithetic=args.antithetic, **sampling,
                       key_added=f"{key}_member")  # fmt: skip
     times = {}
-    for row, n, anti in draw_rows(method, args.draws):  # --draws: the same members with other numbers of draws
-        t = time.perf_counter()
-        hf.tl.predict(models, sdata, n_samples=n, antithetic=anti, **sampling, key_added=f"bench_{row}")
-        times[row] = time.perf_counter() - t
+    _predict_rows(models, sdata, draw_rows(method, args.draws), sampling, times)  # --draws: other numbers of draws
+    if getattr(args, "distil", None) is not None:  # --distil: one student trained on the ensemble's predictions
+        fits = _fit_student(table, models, method, args, train_kwargs, sampling, times)
+        table.uns["bench_fit_s"] = {row: fit_s + s for row, s in fits.items()}
     table.uns["bench_predict_s"] = times
     for k in [c for c in table.obs if c.startswith(f"{key}_split_")]:
         del table.obs[k]
     return fit_s, pred_s
 
 
-def draw_rows(method: str, draws: list[int] | None) -> list[tuple[str, int, bool]]:
-    """The extra rows of ``--draws``: (row, draws per member, antithetic) — ``{method}_n{N}`` with ``N`` independent
-    draws and, for ``N`` of at least 2, ``{method}_anti{N}`` with ``N`` antithetic ones."""
+def draw_rows(method: str, draws: list[int | str] | None) -> list[tuple[str, int, bool, float | None]]:
+    """The extra rows of ``--draws``: (row, draws per member, antithetic, temperature; None: ``--temperature``) —
+    ``{method}_n{N}`` with ``N`` independent draws, for ``N`` of at least 2 also ``{method}_anti{N}`` with ``N``
+    antithetic ones, and for ``t0`` ``{method}_t0``: one draw at temperature 0 (each member's prior mean)."""
     rows = []
     for n in draws or []:
-        rows.append((f"{method}_n{n}", n, False))
+        if n == "t0":
+            rows.append((f"{method}_t0", 1, False, 0.0))
+            continue
+        rows.append((f"{method}_n{n}", n, False, None))
         if n >= 2:
-            rows.append((f"{method}_anti{n}", n, True))
+            rows.append((f"{method}_anti{n}", n, True, None))
     return rows
+
+
+def _predict_rows(model, sdata, rows, sampling: dict, times: dict) -> None:
+    """Predict ``obsm[f"bench_{row}"]`` for each of ``rows`` (:func:`draw_rows`) with ``model`` (or a list of
+    members), each time into ``times[row]``."""
+    for row, n, anti, temp in rows:
+        t = time.perf_counter()
+        at = sampling if temp is None else {**sampling, "temperature": temp}
+        hf.tl.predict(model, sdata, n_samples=n, antithetic=anti, **at, key_added=f"bench_{row}")
+        times[row] = time.perf_counter() - t
+
+
+def _draw_count(value: str) -> int | str:
+    """A ``--draws`` value: a number of draws (at least 1) or ``t0``."""
+    if value == "t0":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"numbers of draws must be at least 1 (or t0), got {value!r}")
+    return n
+
+
+DISTIL_DRAWS = (1, 2, 16, "t0")  # --distil: the student's rows, as --draws values
+
+
+def _fit_student(table, models, method: str, args, train_kwargs, sampling, times) -> dict[str, float]:
+    """``--distil W``: one MoLF (the members' settings, seed ``--seed``, the fold's split) trained on ``W`` × the
+    ensemble's prediction + (1 − ``W``) × the measured log1p expression of the panel, in a copy of the panel's
+    columns (the table's layers are not touched); it chooses its guidance like the members and predicts every spot
+    with each of ``DISTIL_DRAWS`` (rows ``{method}_distil_n1``, ``…_anti2``, ``…_t0``, …, their times in ``times``).
+    Returns each row's student fit time (s)."""
+    t = time.perf_counter()
+    key, genes = f"bench_{method}", list(models[0].registry.genes)
+    sub = table[:, genes].copy()
+    measured = sub.layers["log1p"]
+    measured = np.asarray(measured.toarray() if hasattr(measured, "toarray") else measured, dtype=np.float32)
+    teacher = table.obsm[key][genes].to_numpy(np.float32)  # the ensemble's mean, every spot (test rows unused)
+    sub.layers["log1p"] = args.distil * teacher + (1 - args.distil) * measured
+    cfg = {**MOLF_VARIANTS[method], **args.molf_config}
+    student = hf.tl.fit_molf(
+        sub, embedding_key=f"X_{args.encoder}", genes=genes, max_epochs=args.epochs, batch_size=args.batch_size,
+        accelerator=args.accelerator, devices=1, seed=args.seed, key_added="student", train_kwargs=train_kwargs,
+        **cfg,
+    )  # fmt: skip
+    if args.select_guidance:
+        hf.tl.select_guidance(student, sub, n_samples=args.n_samples, temperature=args.temperature,
+                              antithetic=args.antithetic, device=sampling["device"], key_added="student")  # fmt: skip
+    fit_s = time.perf_counter() - t
+    print(f"    {method} student (--distil {args.distil:g}): {_stage_times(student, shared=False)}, guidance "
+          f"{student.config.guidance:g}, {fit_s:.0f} s", flush=True)  # fmt: skip
+    rows = draw_rows(f"{method}_distil", DISTIL_DRAWS)
+    _predict_rows(student, sub, rows, sampling, times)
+    for row, *_ in rows:
+        table.obsm[f"bench_{row}"] = sub.obsm[f"bench_{row}"]
+    return {row: fit_s for row, *_ in rows}
 
 
 def rotated_split(split: pd.Series, library_id: pd.Series, i: int) -> pd.Categorical:
@@ -413,12 +480,18 @@ def print_table(results: pd.DataFrame, panel: str, gene_set: str, title: str, en
         print(f"| {label} | " + " | ".join(cells) + f" | {fit:.1f} | {pred_cell} |")
 
 
-def _draws_label(extra_row: str) -> str:
-    """``n4`` → ", 4 draws per member", ``anti4`` → ", 4 antithetic draws per member" (``--draws`` rows)."""
+def _draws_label(extra_row: str, per: str = " per member") -> str:
+    """``n4`` → ", 4 draws per member", ``anti4`` → ", 4 antithetic draws per member" (``--draws`` rows);
+    ``distil_anti2`` → ", one student of the ensemble, 2 antithetic draws", ``distil_t0`` → "…, temperature 0"."""
+    if extra_row.startswith("distil_"):
+        rest = extra_row[len("distil_") :]
+        return ", one student of the ensemble" + _draws_label(rest, "")
+    if extra_row == "t0":
+        return f", temperature 0{per}"
     for prefix, kind in (("anti", " antithetic"), ("n", "")):
         if extra_row.startswith(prefix) and extra_row[len(prefix) :].isdigit():
             n = extra_row[len(prefix) :]
-            return f", {n}{kind} draw{'' if n == '1' else 's'} per member"
+            return f", {n}{kind} draw{'' if n == '1' else 's'}{per}"
     return f" {extra_row}"
 
 
@@ -445,15 +518,18 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
                 if args.ensemble > 1 and method in MOLF_VARIANTS:
                     rows.append(f"{method}_member")
                 row_s = table.uns.pop("bench_predict_s", {})  # --draws: each extra row's own prediction time
-                rows += [row for row, _, _ in draw_rows(method, args.draws if method in MOLF_VARIANTS else None)]
+                rows += [row for row, *_ in draw_rows(method, args.draws if method in MOLF_VARIANTS else None)]
+                if getattr(args, "distil", None) is not None and method in MOLF_VARIANTS:
+                    rows += [row for row, *_ in draw_rows(f"{method}_distil", DISTIL_DRAWS)]
+                row_fit_s = table.uns.pop("bench_fit_s", {})  # --distil: the ensemble's fit time and the student's
                 for row in rows:
                     vals = score(sdata, row)
                     for (gs, m), v in vals.items():
-                        records.append((test, panel, row, gs, m, v, fit_s, row_s.get(row, pred_s)))
+                        records.append((test, panel, row, gs, m, v, row_fit_s.get(row, fit_s), row_s.get(row, pred_s)))
                     print(
                         f"  fold {test} {panel} ({len(genes)} genes) {row}: PCC {vals.get(('all', 'pcc'), np.nan):.3f}"
                         f" GSC {vals.get(('all', 'gsc'), np.nan):.3f} SSC {vals.get(('all', 'ssc'), np.nan):.3f}"
-                        f" fit {fit_s:.0f} s",
+                        f" fit {row_fit_s.get(row, fit_s):.0f} s",
                         flush=True,
                     )
     return pd.DataFrame.from_records(
@@ -654,11 +730,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     )
     p.add_argument(
         "--draws",
-        type=int,
+        type=_draw_count,
         nargs="+",
         metavar="N",
         help="with --api: also score the members' mean with N independent and (N >= 2) N antithetic draws per member, "
-        "each as a row with its own prediction time",
+        "each as a row with its own prediction time; t0: one draw per member at temperature 0",
     )
     p.add_argument(
         "--antithetic",
@@ -676,6 +752,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         action="store_true",
         help="choose the panel on the validation section too (four sections instead of the fold's three training "
         "sections)",
+    )
+    p.add_argument(
+        "--distil",
+        type=float,
+        metavar="W",
+        help="with --api and --ensemble: also train one student MoLF (same settings, seed --seed, the fold's split) on "
+        "W × the ensemble's prediction + (1 − W) × the measured expression, scored with 1, 2 and 16 draws "
+        "(independent and antithetic) and at temperature 0 (fit time: the ensemble's and the student's)",
     )
     p.add_argument("--vae-extra", action="store_true", help="train Stage I also on the count-only sections")
     p.add_argument(
@@ -709,12 +793,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.molf_train.get("refit") and args.select_guidance:
         p.error("argument --set refit=true: add --no-guidance-selection (after the refit the validation section is a "
                 "training section, so filter-and-rank on it would score training data)")  # fmt: skip
+    if args.distil is not None and not (args.api and args.ensemble > 1 and 0 <= args.distil <= 1):
+        p.error(f"argument --distil: needs --api and --ensemble N with N of at least 2, and W between 0 and 1 (got "
+                f"{args.distil:g})")  # fmt: skip
     if args.draws and not args.api:
         p.error("argument --draws: needs --api (it predicts again with the members tl.fit_molf_ensemble returns)")
-    if args.draws and args.hest_bench:
-        p.error("argument --draws: HER2ST mode only; drop it with --hest-bench")
-    if args.draws and min(args.draws) < 1:
-        p.error(f"argument --draws: numbers of draws must be at least 1, got {args.draws}")
+    if (args.draws or args.distil is not None) and args.hest_bench:
+        p.error(f"argument {'--draws' if args.draws else '--distil'}: HER2ST mode only; drop it with --hest-bench")
     if args.ensemble > 1 and args.stage_one:
         p.error("argument --stage-one: not with --ensemble (it describes one model); drop one of them")
     if args.quick:

@@ -168,6 +168,7 @@ def _fit_setup(tmp_path, **overrides):
         encoder="enc", molf_config={"cond_dim": 16, "latent_dim": 4}, molf_train={}, patience=2, epochs=2,
         batch_size=64, accelerator="cpu", select_guidance=False, n_samples=2, temperature=1.0, seed=0,
         stage_one=False, ensemble=1, shared_stage_one=False, rotate_validation=False, antithetic=False, draws=None,
+        distil=None,
     )  # fmt: skip
     vars(args).update(overrides)
     return harness, table, args
@@ -323,15 +324,20 @@ def test_api_fits_the_ensemble_with_fit_molf_ensemble(tmp_path, capsys):
 
 
 def test_draws_rows_predict_the_members_again_with_other_numbers_of_draws(tmp_path, capsys):
-    harness, table, args = _fit_setup(tmp_path, seed=3, ensemble=2, rotate_validation=True, api=True, draws=[1, 2])
+    draws = [1, 2, "t0"]
+    harness, table, args = _fit_setup(tmp_path, seed=3, ensemble=2, rotate_validation=True, api=True, draws=draws)
     harness.fit_method(table, "molf", args, None)
     rows = harness.draw_rows("molf", args.draws)
-    assert rows == [("molf_n1", 1, False), ("molf_n2", 2, False), ("molf_anti2", 2, True)]
-    assert set(table.uns["bench_predict_s"]) == {"molf_n1", "molf_n2", "molf_anti2"}
-    got = {row: table.obsm[f"bench_{row}"].to_numpy() for row, _, _ in rows}
+    assert rows == [("molf_n1", 1, False, None), ("molf_n2", 2, False, None), ("molf_anti2", 2, True, None),
+                    ("molf_t0", 1, False, 0.0)]  # fmt: skip
+    assert set(table.uns["bench_predict_s"]) == {"molf_n1", "molf_n2", "molf_anti2", "molf_t0"}
+    got = {row: table.obsm[f"bench_{row}"].to_numpy() for row, *_ in rows}
     np.testing.assert_allclose(got["molf_n2"], table.obsm["bench_molf"].to_numpy(), rtol=1e-6)  # the fit's draws
     assert not np.allclose(got["molf_anti2"], got["molf_n2"]) and not np.allclose(got["molf_n1"], got["molf_n2"])
     assert table.uns["bench_molf_anti2"]["params"]["antithetic"] is True
+    assert not np.allclose(got["molf_t0"], got["molf_n1"])
+    assert table.uns["bench_molf_t0"]["params"]["temperature"] == 0.0 and table.uns["bench_molf_n1"]["params"][
+        "temperature"] == 1.0  # fmt: skip
     results = pd.DataFrame(
         [("C2", "hvg50", m, "all", "pcc", 0.1, 1.0, 0.2) for m in ("molf", "molf_n1", "molf_anti2")],
         columns=["fold", "panel", "method", "gene_set", "metric", "value", "fit_s", "predict_s"],
@@ -341,17 +347,67 @@ def test_draws_rows_predict_the_members_again_with_other_numbers_of_draws(tmp_pa
     out = capsys.readouterr().out
     assert "| MoLF (MoE, window context), 1 draw per member |" in out
     assert "| MoLF (MoE, window context), 2 antithetic draws per member |" in out
+    assert harness._draws_label("t0") == ", temperature 0 per member"
     # --antithetic: the fit's own draws come in pairs, in guidance selection and prediction
     harness, table, args = _fit_setup(tmp_path / "anti", seed=3, ensemble=2, api=True, antithetic=True)
     harness.fit_method(table, "molf", args, None)
     assert table.uns["bench_molf"]["params"]["antithetic"] is True
     for argv, message in (
         (["--draws", "4"], "--draws: needs --api"),
-        (["--api", "--ensemble", "2", "--draws", "0"], "numbers of draws must be at least 1"),
+        (["--api", "--ensemble", "2", "--draws", "0"], "numbers of draws must be at least 1 (or t0), got '0'"),
+        (["--api", "--ensemble", "2", "--draws", "t1"], "numbers of draws must be at least 1 (or t0), got 't1'"),
     ):
         with pytest.raises(SystemExit):
             harness.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_distil_trains_one_student_on_the_ensembles_predictions(tmp_path, monkeypatch, capsys):
+    harness, table, args = _fit_setup(tmp_path, seed=3, ensemble=2, rotate_validation=True, api=True, distil=0.25)
+    layers = {k: v.copy() for k, v in table.layers.items()}
+    seen = {}
+    fit_molf = harness.hf.tl.fit_molf
+
+    def spy(sub, **kw):  # the student's training table: its targets and split
+        seen["targets"], seen["split"] = sub.layers["log1p"].copy(), sub.obs["split"].copy()
+        return fit_molf(sub, **kw)
+
+    monkeypatch.setattr(harness.hf.tl, "fit_molf", spy)
+    fit_s, _ = harness.fit_method(table, "molf", args, None)
+    genes = list(table.obsm["bench_molf"].columns)
+    measured = np.asarray(table[:, genes].layers["log1p"].toarray() if hasattr(table.layers["log1p"], "toarray")
+                          else table[:, genes].layers["log1p"])  # fmt: skip
+    expected = 0.25 * table.obsm["bench_molf"].to_numpy() + 0.75 * measured
+    np.testing.assert_allclose(seen["targets"], expected, rtol=1e-5, atol=1e-6)
+    pd.testing.assert_series_equal(seen["split"], table.obs["split"])  # the fold's split, not a member's
+    for k, v in layers.items():  # the table's own layers are not touched
+        np.testing.assert_array_equal(np.asarray(table.layers[k].toarray() if hasattr(v, "toarray") else
+                                                 table.layers[k]), np.asarray(v.toarray() if hasattr(v, "toarray")
+                                                                              else v))  # fmt: skip
+    rows = [row for row, *_ in harness.draw_rows("molf_distil", harness.DISTIL_DRAWS)]
+    assert {"molf_distil_n1", "molf_distil_anti2", "molf_distil_anti16", "molf_distil_t0"} <= set(rows)
+    got = {row: table.obsm[f"bench_{row}"] for row in rows}
+    for out in got.values():
+        assert list(out.columns) == genes and out.index.equals(table.obs_names) and np.isfinite(out.to_numpy()).all()
+    assert not np.allclose(got["molf_distil_n1"], got["molf_distil_t0"])
+    assert not np.allclose(got["molf_distil_n1"], table.obsm["bench_molf"].to_numpy())
+    fits = table.uns["bench_fit_s"]
+    assert set(fits) == set(rows) and all(f > fit_s for f in fits.values())  # the ensemble's time and the student's
+    assert set(rows) <= set(table.uns["bench_predict_s"])
+    out = capsys.readouterr().out
+    assert "molf student (--distil 0.25): Stage I" in out
+    results = pd.DataFrame(
+        [("C2", "hvg50", m, "all", "pcc", 0.1, 1.0, 0.2) for m in ("molf", "molf_distil_anti2", "molf_distil_t0")],
+        columns=["fold", "panel", "method", "gene_set", "metric", "value", "fit_s", "predict_s"],
+    )
+    harness.print_table(results, "hvg50", "all", "t", ensemble=2)
+    out = capsys.readouterr().out
+    assert "| MoLF (MoE, window context), one student of the ensemble, 2 antithetic draws |" in out
+    assert "| MoLF (MoE, window context), one student of the ensemble, temperature 0 |" in out
+    for argv in (["--distil", "1"], ["--api", "--distil", "1"], ["--api", "--ensemble", "2", "--distil", "1.5"]):
+        with pytest.raises(SystemExit):
+            harness.main(argv)
+        assert "--distil: needs --api and --ensemble N" in capsys.readouterr().err
 
 
 def test_refit_trains_on_the_validation_section_too_and_needs_fixed_guidance(tmp_path, capsys):
