@@ -12,8 +12,8 @@ Each configuration runs in a fresh process (peak RSS is per process). Rows:
   velocity evaluation and a decoder pass),
 - MoLF, steps = 1 with guidance, mean of 4 antithetic draws (``antithetic=True``: two pairs ``z0``, ``-z0``),
 - three MoLF models (``tl.predict`` on the list, as from ``tl.fit_molf_ensemble``), steps = 1 with guidance, 16
-  independent draws each, and 2 antithetic draws each (the two HER2ST ensemble settings of the benchmarks page);
-  their time includes writing the predictions to the table,
+  independent draws each, 2 antithetic draws each, and one draw each from the prior mean (``temperature=0``): the
+  HER2ST ensemble settings of the benchmarks page; their time includes writing the predictions to the table,
 - MoLF, steps = 1 with a condition width of 128 instead of the paper's 256 (``cond_dim=128``),
 - MoLF, steps = 1 without spatial context (bag of patches),
 - the MLP baseline (one forward pass),
@@ -95,6 +95,8 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
         steps = 10 if kind == "molf_10" else 1
         draws = {"molf_16": 16, "molf_anti4": 4, "ens3_16": 16, "ens3_anti2": 2}.get(kind, 1)
         sampling = {"steps": steps, "guidance": 2.0, "n_samples": draws, "antithetic": "anti" in kind}
+        if kind.endswith("_t0"):
+            sampling["temperature"] = 0.0
         if kind.startswith("ens3"):  # three members with their own weights, predicted through tl.predict
             import histoflow as hf
 
@@ -142,6 +144,7 @@ def main() -> None:
         ("molf_anti4", "MoLF, 1 step, w=2, mean of 4 antithetic draws"),
         ("ens3_16", "3 MoLF models, 1 step, w=2, 16 draws each"),
         ("ens3_anti2", "3 MoLF models, 1 step, w=2, 2 antithetic draws each"),
+        ("ens3_t0", "3 MoLF models, 1 step, w=2, temperature 0 (1 draw each)"),
         ("molf_128", "MoLF, 1 step, w=2, cond_dim=128"),
         ("molf_bag", "MoLF, 1 step, w=2, no spatial context"),
         ("mlp", "MLP baseline"),
