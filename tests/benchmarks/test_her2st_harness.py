@@ -362,6 +362,10 @@ def test_draws_rows_predict_the_members_again_with_other_numbers_of_draws(tmp_pa
         assert message in capsys.readouterr().err
 
 
+def _dense(m) -> np.ndarray:
+    return np.asarray(m.toarray() if hasattr(m, "toarray") else m)
+
+
 def test_distil_trains_one_student_on_the_ensembles_predictions(tmp_path, monkeypatch, capsys):
     harness, table, args = _fit_setup(tmp_path, seed=3, ensemble=2, rotate_validation=True, api=True, distil=0.25)
     layers = {k: v.copy() for k, v in table.layers.items()}
@@ -375,15 +379,11 @@ def test_distil_trains_one_student_on_the_ensembles_predictions(tmp_path, monkey
     monkeypatch.setattr(harness.hf.tl, "fit_molf", spy)
     fit_s, _ = harness.fit_method(table, "molf", args, None)
     genes = list(table.obsm["bench_molf"].columns)
-    measured = np.asarray(table[:, genes].layers["log1p"].toarray() if hasattr(table.layers["log1p"], "toarray")
-                          else table[:, genes].layers["log1p"])  # fmt: skip
-    expected = 0.25 * table.obsm["bench_molf"].to_numpy() + 0.75 * measured
+    expected = 0.25 * table.obsm["bench_molf"].to_numpy() + 0.75 * _dense(table[:, genes].layers["log1p"])
     np.testing.assert_allclose(seen["targets"], expected, rtol=1e-5, atol=1e-6)
     pd.testing.assert_series_equal(seen["split"], table.obs["split"])  # the fold's split, not a member's
     for k, v in layers.items():  # the table's own layers are not touched
-        np.testing.assert_array_equal(np.asarray(table.layers[k].toarray() if hasattr(v, "toarray") else
-                                                 table.layers[k]), np.asarray(v.toarray() if hasattr(v, "toarray")
-                                                                              else v))  # fmt: skip
+        np.testing.assert_array_equal(_dense(table.layers[k]), _dense(v))
     rows = [row for row, *_ in harness.draw_rows("molf_distil", harness.DISTIL_DRAWS)]
     assert {"molf_distil_n1", "molf_distil_anti2", "molf_distil_anti16", "molf_distil_t0"} <= set(rows)
     got = {row: table.obsm[f"bench_{row}"] for row in rows}
