@@ -40,12 +40,10 @@ section too (the panel stays the fold's unless ``--panel-with-validation`` choos
 for ``--epochs`` epochs without early stopping, and ``--set refit=true`` trains each model twice, first with early
 stopping on the validation section, then from the same initial weights on all four non-test sections for the best epochs
 (both with ``--no-guidance-selection``); each MoLF fit prints the training time and epochs of its stages. Every method
-is
-scored on the test section with
-``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's
-I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA, ARI/NMI against the
-domains of the truth). Values are mean ± std over the folds; times are per fold (fit and predict; the features are
-shared and timed once).
+is scored on the test section with ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes),
+PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial
+domains (k-means on PCA, ARI/NMI against the domains of the truth). Values are mean ± std over the folds; times are per
+fold (fit and predict; the features are shared and timed once).
 
 HEST-Bench mode (``--hest-bench``): reads a HEST-Bench task folder (``<DIR>/<TASK>/adata/<id>.h5ad``,
 ``splits/{train,test}_<k>.csv``, ``var_50genes.json``, features either precomputed as
