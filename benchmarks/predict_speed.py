@@ -7,6 +7,7 @@
 
 Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with guidance (w = 2: conditional and null branch in one batched forward pass),
+- MoLF, steps = 1 with guidance, one draw from the prior mean (``temperature=0``: the null branch is evaluated once),
 - MoLF, steps = 10 with guidance,
 - MoLF, steps = 1 with guidance, mean of 16 draws (``n_samples=16``: the condition is encoded once, each draw is a
   velocity evaluation and a decoder pass),
@@ -139,6 +140,7 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     rows = [
         ("molf", "MoLF, 1 step, guidance w=2"),
+        ("molf_t0", "MoLF, 1 step, w=2, temperature 0"),
         ("molf_10", "MoLF, 10 steps, guidance w=2"),
         ("molf_16", "MoLF, 1 step, w=2, mean of 16 draws"),
         ("molf_anti4", "MoLF, 1 step, w=2, mean of 4 antithetic draws"),

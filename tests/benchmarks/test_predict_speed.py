@@ -35,7 +35,7 @@ class _Queue(list):
     put = list.append
 
 
-@pytest.mark.parametrize("kind", ["molf_anti4", "ens3_anti2", "ens3_t0"])
+@pytest.mark.parametrize("kind", ["molf_anti4", "molf_t0", "ens3_anti2", "ens3_t0"])
 def test_antithetic_and_ensemble_rows_predict_and_report_a_time(kind):
     import torch
 

@@ -68,6 +68,10 @@ def test_draws_one_and_many():
     assert "std" not in one and one["trajectory"].shape == (2, 10, 4)
     cold = _draw(_fake_sample, 10, 4, (3, 4, 2), n_samples=1, seed=3, batch_size=4, record=False, temperature=0.5)
     np.testing.assert_allclose(cold["z0"], 0.5 * z0, rtol=1e-6)
+    frozen = _draw(_fake_sample, 10, 4, (3, 4, 2), n_samples=2, seed=3, batch_size=4, record=False, temperature=0.0)
+    np.testing.assert_array_equal(frozen["z0"], np.zeros((10, 4)))  # the prior mean, for every draw and seed
+    np.testing.assert_array_equal(frozen["latent"], np.ones((10, 4)))
+    np.testing.assert_array_equal(frozen["std"], np.zeros((10, 3)))
     many = _draw(_fake_sample, 10, 4, (3, 4, 2), n_samples=3, seed=3, batch_size=4, record=False)
     gen = torch.Generator().manual_seed(3)
     draws = [torch.randn(10, 4, generator=gen).numpy() for _ in range(3)]

@@ -196,6 +196,30 @@ def test_one_step_is_one_velocity_evaluation_and_guidance_batches_two_passes():
         flow.sample(c, z0, steps=0)
 
 
+def test_guided_draws_from_one_point_evaluate_the_null_branch_once():
+    torch.manual_seed(0)
+    flow = _flow().eval()
+    counter = _Counting(flow.velocity)
+    flow.velocity = counter
+    c = torch.randn(5, 16)
+    for z0 in (torch.zeros(5, 4), torch.randn(1, 4).expand(5, 4)):  # the prior mean (temperature 0), any one point
+        out = flow.sample(c, z0, steps=1, guidance=3.0)
+        assert counter.rows == [5, 1]  # the null branch sees no spot's condition: one row is every row's
+        v, info = counter.inner(z0, torch.zeros(1), c)
+        vu, _ = counter.inner(z0, torch.zeros(1), flow.condition.null.expand_as(c))
+        torch.testing.assert_close(out["z1"], z0 + vu + 3.0 * (v - vu), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["routing"], info["weights"])
+        counter.rows = []
+    # the rows part after the first step: both branches in one batched pass again
+    out = flow.sample(c, torch.zeros(5, 4), steps=3, guidance=3.0)
+    assert counter.rows == [5, 1, 10, 10]
+    counter.rows = []
+    z0 = torch.zeros(5, 4)
+    z0[2, 1] = 1e-3  # one row elsewhere: both branches per row
+    flow.sample(c, z0, steps=1, guidance=3.0)
+    assert counter.rows == [10]
+
+
 def test_flow_loss_terms_and_gradients():
     torch.manual_seed(0)
     flow = _flow(velocity="dense")

@@ -137,6 +137,15 @@ def test_guided_sampling_routes_the_null_branch_as_unknown():
     assert (seen[0][5:] == -1).all()
     torch.testing.assert_close(out["routing"][:4], torch.nn.functional.one_hot(meta[:4, 0], 3).float())
     torch.testing.assert_close(out["routing"][4], torch.full((3,), 1 / 3))
+    # every draw from the prior mean: the null branch runs once, on one row routed as unknown, and gives the same
+    seen.clear()
+    zero = torch.zeros(5, 4)
+    once = flow.sample(c, zero, meta=meta, steps=1, guidance=2.0)
+    assert [m.shape for m in seen] == [(5, 1), (1, 1)] and (seen[1] == -1).all()
+    torch.testing.assert_close(seen[0], meta)
+    v_u, _ = inner(zero, torch.zeros(1), cond.null.expand_as(c), meta=torch.full_like(meta, -1))
+    v_c, _ = inner(zero, torch.zeros(1), c, meta=meta)
+    torch.testing.assert_close(once["z1"], v_u + 2.0 * (v_c - v_u))
     # training: rows whose condition is dropped route as unknown as well
     seen.clear()
     batch = {"feats": torch.randn(64, 6), "z1": torch.randn(64, 4), "meta": torch.randint(0, 3, (64, 1))}

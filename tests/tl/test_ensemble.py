@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -112,6 +115,29 @@ def test_predict_takes_the_members_and_gives_the_same_numbers(ensemble):
     new = AnnData(np.zeros((c.n_obs, 0), dtype=np.float32), obs=bare, obsm=obsm)
     hf.tl.predict(tuple(models), new, n_samples=2, seed=4)
     assert list(new.obsm["molf"].columns) == list(a.var_names) and np.isfinite(new.obsm["molf"].to_numpy()).all()
+
+
+def test_members_build_their_inputs_once_per_prediction(ensemble, monkeypatch):
+    from histoflow.models import _molf
+
+    a, models = ensemble
+    calls = []
+    search = _molf._neighbours
+    monkeypatch.setattr(_molf, "_neighbours", lambda *args: calls.append(len(args[0])) or search(*args))
+    b = a.copy()
+    hf.tl.predict(models, b, n_samples=2, seed=4, key_added="again")
+    assert calls == [a.n_obs]  # one neighbour search for both members
+    np.testing.assert_allclose(b.obsm["again"].to_numpy(), a.obsm["molf"].to_numpy(), rtol=1e-6)
+    models[0].predict(a)
+    models[1].predict(a)
+    assert calls == [a.n_obs] * 3  # outside an ensemble's prediction nothing is kept
+    assert _molf._SHARED_INPUTS.get() is None
+    # members whose windows differ search their own neighbours
+    other = copy.copy(models[1])
+    other.config = dataclasses.replace(other.config, context_radius_um=2 * other.config.context_radius_um)
+    calls.clear()
+    hf.tl.predict([models[0], other], b, n_samples=1, key_added="wider")
+    assert len(calls) == 2
 
 
 def test_same_seed_same_numbers_and_no_rotation(ensemble):

@@ -448,6 +448,7 @@ class FLAG:
     # table → arrays, neighbours, compatibility checks and Lightning fitting are the same as MoLF's
     _coords_um = MoLF._coords_um
     _arrays = MoLF._arrays
+    _input_signature = MoLF._input_signature
     _check_table = MoLF._check_table
     _fit = MoLF._fit
     _libraries_by_split = MoLF._libraries_by_split

@@ -147,24 +147,22 @@ class LatentFlow(nn.Module):
         if steps < 1:
             raise ValueError(f"`steps` must be at least 1, got {steps}.")
         guided = guidance != 1.0
-        null = self.condition.null.expand_as(c)
-        cc = torch.cat([c, null]) if guided else c
         mm = None
         if meta is not None and getattr(self.velocity, "uses_metadata", False):
-            mm = torch.cat([meta, torch.full_like(meta, -1)]) if guided else meta
+            mm = meta
         z = z0
         traj = [z0] if record else None
         routing = None
         dt = 1.0 / steps
         for s in range(steps):
             t = torch.full((1,), s * dt, device=z.device)
-            zz = torch.cat([z, z]) if guided else z
-            v, _, info = self.velocity_and_endpoint(zz, t, cc, mm)
             if guided:
-                v_c, v_u = v.chunk(2)
+                v_c, v_u, info = self._guided_branches(z, t, c, mm)
                 v = v_u + guidance * (v_c - v_u)
+            else:
+                v, _, info = self.velocity_and_endpoint(z, t, c, mm)
             if routing is None:
-                routing = info["weights"][: z.shape[0]]
+                routing = info["weights"]
             z = z + dt * v
             if record:
                 traj.append(z)
@@ -172,3 +170,25 @@ class LatentFlow(nn.Module):
         if record:
             out["trajectory"] = torch.stack(traj)
         return out
+
+    def _guided_branches(
+        self, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, meta: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Conditional and null-branch velocities at ``(z, t)``, and the conditional branch's routing info.
+
+        The null branch sees the learned null condition (and the unknown metadata code) for every row, so it depends
+        on ``z`` alone: when every row starts from the same point (draws from the prior mean, ``temperature=0``) it
+        is evaluated once and broadcast instead of once per spot. Otherwise both branches run in one batched pass.
+        """
+        b = z.shape[0]
+        null_meta = None if meta is None else torch.full_like(meta, -1)
+        if b > 1 and bool((z == z[:1]).all()):
+            v_c, _, info = self.velocity_and_endpoint(z, t, c, meta)
+            nm = None if null_meta is None else null_meta[:1]
+            v_u, _, _ = self.velocity_and_endpoint(z[:1], t, self.condition.null.expand(1, -1), nm)
+            return v_c, v_u.expand_as(v_c), info
+        cc = torch.cat([c, self.condition.null.expand_as(c)])
+        mm = None if meta is None else torch.cat([meta, null_meta])
+        v, _, info = self.velocity_and_endpoint(torch.cat([z, z]), t, cc, mm)
+        v_c, v_u = v.chunk(2)
+        return v_c, v_u, {**info, "weights": info["weights"][:b]}

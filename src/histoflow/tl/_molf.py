@@ -262,7 +262,8 @@ def predict(
         A trained :class:`~histoflow.models.MoLF` or :class:`~histoflow.models.FLAG`, or a list of them trained on
         the same genes and features (an ensemble, e.g. from :func:`fit_molf_ensemble`): the prediction is then the
         mean over the members (each with ``n_samples`` draws and seed ``seed + i``), the standard deviation that of
-        all their draws together, and no latent or routing is written.
+        all their draws together, and no latent or routing is written. The members' shared inputs (the features'
+        check, the neighbour windows when their window settings agree) are built once.
     {doc_sdata}
     steps
         Euler steps (1 = one velocity evaluation; with guidance that is two forward passes).
@@ -276,7 +277,8 @@ def predict(
         Scale of the prior noise (see :meth:`histoflow.models.MoLF.predict`): 1 (default) samples the model as
         trained; 0 starts every spot at the prior mean, the model's deterministic point estimate in a single draw
         (on HER2ST, at guidance 1, between the means of 4 and 16 draws in PCC, at a fraction of their cost; three
-        ensemble members at temperature 0 scored 0.316–0.319, as with 2 antithetic draws each).
+        ensemble members at temperature 0 scored 0.316–0.319, as with 2 antithetic draws each, and predicted
+        21,100 spots/s on two CPU cores against 12,000 with 2 antithetic draws each).
     antithetic
         Draw the prior noise in antithetic pairs, ``z0`` and ``-z0`` (see :meth:`histoflow.models.MoLF.predict`): the
         mean of the draws is then a closer estimate of the model's mean prediction. On HER2ST three rotated members
@@ -361,11 +363,13 @@ def predict(
     }
     sampling = {**params, "guidance": guidance, "allow_unknown": allow_unknown, "device": device}
     if members is not None:
+        from histoflow.models._molf import shared_inputs
         from histoflow.tl._ensemble import _Moments, write_ensemble
 
         acc = _Moments()
-        for i, m in enumerate(members):
-            acc.add(m.predict(feats_table, **{**sampling, "seed": seed + i}))
+        with shared_inputs():  # the members' features and neighbour windows are built once
+            for i, m in enumerate(members):
+                acc.add(m.predict(feats_table, **{**sampling, "seed": seed + i}))
         guidances = [m.config.guidance if guidance is None else float(guidance) for m in members]
         parts = {str(i): {"seed": seed + i, "guidance": float(g)} for i, g in enumerate(guidances)}
         write_ensemble(table, members, key_added, np.arange(table.n_obs), *acc.result(), params, parts)
