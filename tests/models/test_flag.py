@@ -99,6 +99,28 @@ def test_predict_outputs_and_seed(trained):
     assert not np.array_equal(m.predict(a, seed=1)["mean"], m.predict(a, seed=2)["mean"])
 
 
+def test_guided_draws_from_one_point_evaluate_the_null_branch_once(trained):
+    _, m = trained
+    flow = m.flow.eval()
+    torch.manual_seed(0)
+    c, x0 = torch.randn(6, 32), torch.zeros(6, 12)  # every spot at the prior mean (temperature 0)
+    rows = []
+    denoise = flow.denoiser.forward
+    flow.denoiser.forward = lambda x, t, cc: rows.append(x.shape[0]) or denoise(x, t, cc)
+    try:
+        with torch.no_grad():
+            out = flow.sample(c, x0, steps=2, guidance=2.5)
+            v_c = denoise(x0, torch.zeros(1), c)[0]
+            v_u = denoise(x0, torch.zeros(1), flow.condition.null.expand_as(c))[0]
+            x_half = x0 + 0.5 * (v_u + 2.5 * (v_c - v_u))
+            w_c = denoise(x_half, torch.full((1,), 0.5), c)[0]
+            w_u = denoise(x_half, torch.full((1,), 0.5), flow.condition.null.expand_as(c))[0]
+    finally:
+        del flow.denoiser.forward
+    assert rows == [6, 1, 12]  # one row for the null branch from the common start, both branches after it
+    torch.testing.assert_close(out["x1"], x_half + 0.5 * (w_u + 2.5 * (w_c - w_u)), rtol=1e-5, atol=1e-5)
+
+
 def test_same_seed_same_training():
     runs = []
     for _ in range(2):

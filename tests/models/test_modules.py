@@ -127,6 +127,11 @@ def test_encodings():
     assert e.shape == (2, 7) and torch.allclose(e[0, :3], torch.ones(3))
     p = sinusoidal_2d(torch.tensor([[0.0, 0.0], [100.0, -50.0]]), 32)
     assert p.shape == (2, 32) and not torch.allclose(p[0], p[1])
+    # at offset 0: sin 0 then cos 1 for x and for y; a width not divisible by 4 ends in zeros
+    torch.testing.assert_close(p[0], torch.tensor(([0.0] * 8 + [1.0] * 8) * 2))
+    odd = sinusoidal_2d(torch.tensor([[100.0, -50.0]]), 34)
+    torch.testing.assert_close(odd[0, :32], p[1])
+    torch.testing.assert_close(odd[0, 32:], torch.zeros(2))
 
 
 def _flow(spatial=None, meta=(3,), velocity="moe", prediction="velocity"):

@@ -40,7 +40,7 @@ from histoflow.models._data import (
     split_rows,
     targets,
 )
-from histoflow.models._flow import draw_path
+from histoflow.models._flow import draw_path, one_start
 from histoflow.models._molf import (
     MoLF,
     _draw,
@@ -282,18 +282,23 @@ class GeneTokenFlow(nn.Module):
         if steps < 1:
             raise ValueError(f"`steps` must be at least 1, got {steps}.")
         guided = guidance != 1.0
-        cc = torch.cat([c, self.condition.null.expand_as(c)]) if guided else c
+        null = self.condition.null[None]
         x = x0
         traj = [x0] if record else None
         dt = 1.0 / steps
         latent = None
         for s in range(steps):
             t = torch.full((1,), s * dt, device=x.device)
-            xx = torch.cat([x, x]) if guided else x
-            v, _, h = self.denoiser(xx, t, cc)
-            if guided:
+            if guided and one_start(x):  # the null branch from one point: one row for all (see LatentFlow)
+                v, _, h = self.denoiser(x, t, c)
+                v_u = self.denoiser(x[:1], t, null)[0]
+                v = v_u + guidance * (v - v_u)
+            elif guided:
+                v, _, h = self.denoiser(torch.cat([x, x]), t, torch.cat([c, null.expand_as(c)]))
                 v_c, v_u = v.chunk(2)
                 v = v_u + guidance * (v_c - v_u)
+            else:
+                v, _, h = self.denoiser(x, t, c)
             latent = h[: x.shape[0]].mean(dim=1)
             x = x + dt * v
             if record:

@@ -47,6 +47,15 @@ def draw_path(
     return c, meta, drop, x0, t, (1 - t) * x0 + t * x1
 
 
+def one_start(z: torch.Tensor) -> bool:
+    """Whether every row of ``z`` ``(B, ...)`` is the same point (e.g. draws from the prior mean), for ``B > 1``.
+
+    The null branch of classifier-free guidance sees the same null condition for every row, so from one point it
+    gives one output: samplers then evaluate it on one row and broadcast it.
+    """
+    return z.shape[0] > 1 and bool((z == z[:1]).all())
+
+
 class LatentFlow(nn.Module):
     """Condition encoder + velocity field, with the MoLF objective and sampler.
 
@@ -177,12 +186,12 @@ class LatentFlow(nn.Module):
         """Conditional and null-branch velocities at ``(z, t)``, and the conditional branch's routing info.
 
         The null branch sees the learned null condition (and the unknown metadata code) for every row, so it depends
-        on ``z`` alone: when every row starts from the same point (draws from the prior mean, ``temperature=0``) it
-        is evaluated once and broadcast instead of once per spot. Otherwise both branches run in one batched pass.
+        on ``z`` alone: when every row is at the same point (:func:`one_start`) it is evaluated once and broadcast
+        instead of once per spot. Otherwise both branches run in one batched pass.
         """
         b = z.shape[0]
         null_meta = None if meta is None else torch.full_like(meta, -1)
-        if b > 1 and bool((z == z[:1]).all()):
+        if one_start(z):
             v_c, _, info = self.velocity_and_endpoint(z, t, c, meta)
             nm = None if null_meta is None else null_meta[:1]
             v_u, _, _ = self.velocity_and_endpoint(z[:1], t, self.condition.null.expand(1, -1), nm)

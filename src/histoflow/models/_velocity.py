@@ -36,6 +36,8 @@ def sinusoidal_2d(xy_um: torch.Tensor, dim: int, min_wavelength_um: float = 10.0
     )
     ang = 2 * math.pi * xy_um[..., None] / wl  # (..., 2, quarter)
     emb = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1).flatten(-2)  # (..., 4 * quarter)
+    if emb.shape[-1] == dim:  # padding by nothing would still copy
+        return emb
     return nn.functional.pad(emb, (0, dim - emb.shape[-1]))
 
 
