@@ -178,11 +178,16 @@ class _Counting(torch.nn.Module):
         return self.inner(z, t, c, gate_input, **kwargs)
 
 
-def test_one_step_is_one_velocity_evaluation_and_guidance_batches_two_passes():
+def _counted_flow() -> tuple[LatentFlow, _Counting]:
+    """A seeded small flow in eval mode whose velocity network counts its calls and their rows."""
     torch.manual_seed(0)
     flow = _flow().eval()
-    counter = _Counting(flow.velocity)
-    flow.velocity = counter
+    flow.velocity = _Counting(flow.velocity)
+    return flow, flow.velocity
+
+
+def test_one_step_is_one_velocity_evaluation_and_guidance_batches_two_passes():
+    flow, counter = _counted_flow()
     c = torch.randn(5, 16)
     z0 = torch.randn(5, 4)
     out = flow.sample(c, z0, steps=1, guidance=1.0)
@@ -202,10 +207,7 @@ def test_one_step_is_one_velocity_evaluation_and_guidance_batches_two_passes():
 
 
 def test_guided_draws_from_one_point_evaluate_the_null_branch_once():
-    torch.manual_seed(0)
-    flow = _flow().eval()
-    counter = _Counting(flow.velocity)
-    flow.velocity = counter
+    flow, counter = _counted_flow()
     c = torch.randn(5, 16)
     for z0 in (torch.zeros(5, 4), torch.randn(1, 4).expand(5, 4)):  # the prior mean (temperature 0), any one point
         out = flow.sample(c, z0, steps=1, guidance=3.0)
