@@ -15,6 +15,7 @@ Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - three MoLF models (``tl.predict`` on the list, as from ``tl.fit_molf_ensemble``), steps = 1 with guidance, 16
   independent draws each, 2 antithetic draws each, and one draw each from the prior mean (``temperature=0``): the
   HER2ST ensemble settings of the benchmarks page; their time includes writing the predictions to the table,
+- two MoLF models, one draw each from the prior mean (the two-member ensemble of the benchmarks page),
 - MoLF, steps = 1 with a condition width of 128 instead of the paper's 256 (``cond_dim=128``),
 - MoLF, steps = 1 without spatial context (bag of patches),
 - the MLP baseline (one forward pass),
@@ -98,11 +99,12 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
         sampling = {"steps": steps, "guidance": 2.0, "n_samples": draws, "antithetic": "anti" in kind}
         if kind.endswith("_t0"):
             sampling["temperature"] = 0.0
-        if kind.startswith("ens3"):  # three members with their own weights, predicted through tl.predict
+        ensemble = kind.startswith("ens")
+        if ensemble:  # ens<N>_*: N members with their own weights, predicted through tl.predict
             import histoflow as hf
 
             members = [m]
-            for seed in (1, 2):
+            for seed in range(1, int(kind[3])):
                 other = MoLF(a, **{**kw, "seed": seed})
                 other.is_trained = True
                 members.append(other)
@@ -110,7 +112,7 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
             if gpu and i == warmup:
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            if kind.startswith("ens3"):
+            if ensemble:
                 hf.tl.predict(members, a, **sampling, device=device)
             else:
                 m.predict(a, **sampling, device=device)
@@ -147,6 +149,7 @@ def main() -> None:
         ("ens3_16", "3 MoLF models, 1 step, w=2, 16 draws each"),
         ("ens3_anti2", "3 MoLF models, 1 step, w=2, 2 antithetic draws each"),
         ("ens3_t0", "3 MoLF models, 1 step, w=2, temperature 0 (1 draw each)"),
+        ("ens2_t0", "2 MoLF models, 1 step, w=2, temperature 0 (1 draw each)"),
         ("molf_128", "MoLF, 1 step, w=2, cond_dim=128"),
         ("molf_bag", "MoLF, 1 step, w=2, no spatial context"),
         ("mlp", "MLP baseline"),

@@ -35,10 +35,17 @@ class _Queue(list):
     put = list.append
 
 
-@pytest.mark.parametrize("kind", ["molf_anti4", "molf_t0", "ens3_anti2", "ens3_t0"])
-def test_antithetic_and_ensemble_rows_predict_and_report_a_time(kind):
+@pytest.mark.parametrize("kind", ["molf_anti4", "molf_t0", "ens3_anti2", "ens3_t0", "ens2_t0"])
+def test_antithetic_and_ensemble_rows_predict_and_report_a_time(kind, monkeypatch):
     import torch
 
+    import histoflow as hf
+
+    calls = []
+    predict = hf.tl.predict
+    monkeypatch.setattr(
+        hf.tl, "predict", lambda models, *a, **kw: calls.append((len(models), kw)) or predict(models, *a, **kw)
+    )
     mod = load_script("benchmarks/predict_speed.py", "predict_speed")
     q, threads = _Queue(), torch.get_num_threads()
     try:
@@ -47,3 +54,8 @@ def test_antithetic_and_ensemble_rows_predict_and_report_a_time(kind):
         torch.set_num_threads(threads)  # _run sets the thread count of its (normally fresh) process
     [(sec, rss, gpu_mb)] = q
     assert sec > 0 and rss > 0 and gpu_mb != gpu_mb  # no GPU: NaN
+    if kind.startswith("ens"):  # the row's number of members, through tl.predict, once per repeat
+        assert [n for n, _ in calls] == [int(kind[3])] * 2
+        assert all((kw.get("temperature", 1.0) == 0) == kind.endswith("_t0") for _, kw in calls)
+    else:
+        assert calls == []
