@@ -166,7 +166,7 @@ def fit_molf_ensemble(
         Sampling settings of every member, as in :func:`fit_molf`. On HER2ST three members with ``n_samples=2`` and
         ``antithetic=True`` scored PCC 0.315–0.321 over three seed triples, against 0.318–0.320 with 16 independent
         draws each, in a fifth of the prediction time; predicted again with ``temperature=0`` (one draw per member
-        from the prior mean) 0.316–0.319, in about an eighth (benchmarks page).
+        from the prior mean) 0.316–0.319, in about a tenth (benchmarks page).
     **config
         Model settings of every member (:class:`histoflow.models.MoLFConfig`), as in :func:`fit_molf`.
     seed
