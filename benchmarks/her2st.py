@@ -6,7 +6,7 @@
                                 [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
                                 [--ensemble N [--shared-stage-one] [--rotate-validation]] [--antithetic]
                                 [--api [--draws N [N ...]] [--distil W]] [--no-validation]
-                                [--panel-with-validation]
+                                [--panel-with-validation] [--smooth]
                                 [--quick] [--threads 2] [--accelerator cpu|gpu]
                                 [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
@@ -39,11 +39,13 @@ the prior noise in antithetic pairs in guidance selection and prediction; ``--no
 section too (the panel stays the fold's unless ``--panel-with-validation`` chooses it on all four non-test sections),
 for ``--epochs`` epochs without early stopping, and ``--set refit=true`` trains each model twice, first with early
 stopping on the validation section, then from the same initial weights on all four non-test sections for the best epochs
-(both with ``--no-guidance-selection``); each MoLF fit prints the training time and epochs of its stages. Every method
-is scored on the test section with ``tl.evaluate``: PCC (per gene over the test section's spots, mean over genes),
-PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and cosine distance, and spatial
-domains (k-means on PCA, ARI/NMI against the domains of the truth). Values are mean ± std over the folds; times are per
-fold (fit and predict; the features are shared and timed once).
+(both with ``--no-guidance-selection``); ``--smooth`` scores every row also after ``tl.smooth_predictions`` (each spot
+averaged with its spatial neighbours), with its defaults and with the weight and rings ``tl.select_smoothing`` chooses
+on the fold's validation section (not with ``--no-validation``); each MoLF fit prints the training time and epochs of
+its stages. Every method is scored on the test section with ``tl.evaluate``: PCC (per gene over the test section's
+spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and
+cosine distance, and spatial domains (k-means on PCA, ARI/NMI against the domains of the truth). Values are mean ± std
+over the folds; times are per fold (fit and predict; the features are shared and timed once).
 
 HEST-Bench mode (``--hest-bench``): reads a HEST-Bench task folder (``<DIR>/<TASK>/adata/<id>.h5ad``,
 ``splits/{train,test}_<k>.csv``, ``var_50genes.json``, features either precomputed as
@@ -467,15 +469,44 @@ def print_table(results: pd.DataFrame, panel: str, gene_set: str, title: str, en
         fit = np.nanmedian(times["fit_s"])
         pred = np.nanmedian(times["predict_s"]) if times["predict_s"].notna().any() else np.nan
         pred_cell = "incl." if np.isnan(pred) else f"{pred:.1f}"
-        base, _, extra_row = method.partition("_")
-        suffix = {
-            "": f", ensemble of {ensemble}" if ensemble > 1 and base in MOLF_VARIANTS else "",
-            "1draw": ", one draw",
-            "stage1": ", Stage I reconstruction",
-            "member": ", its first member alone",
-        }.get(extra_row, _draws_label(extra_row))
-        label = METHOD_LABELS.get(base, base) + suffix
-        print(f"| {label} | " + " | ".join(cells) + f" | {fit:.1f} | {pred_cell} |")
+        print(f"| {_row_label(method, ensemble)} | " + " | ".join(cells) + f" | {fit:.1f} | {pred_cell} |")
+
+
+def _row_label(method: str, ensemble: int) -> str:
+    """The table label of a row: the method's, then what the row changes (draws, members, smoothing)."""
+    for suffix, what in (("_smsel", "as chosen on the validation section"), ("_sm", "with the defaults")):
+        if method.endswith(suffix):
+            return f"{_row_label(method[: -len(suffix)], ensemble)}, smoothed {what}"
+    base, _, extra_row = method.partition("_")
+    suffix = {
+        "": f", ensemble of {ensemble}" if ensemble > 1 and base in MOLF_VARIANTS else "",
+        "1draw": ", one draw",
+        "stage1": ", Stage I reconstruction",
+        "member": ", its first member alone",
+    }.get(extra_row, _draws_label(extra_row, " per member" if ensemble > 1 else ""))
+    return METHOD_LABELS.get(base, base) + suffix
+
+
+def smoothed_rows(sdata, row: str, times: dict, choose: bool = True) -> list[str]:
+    """``--smooth``: ``bench_{row}`` smoothed with ``tl.smooth_predictions``' defaults (row ``{row}_sm``) and, with
+    ``choose``, with the weight and rings ``tl.select_smoothing`` chooses on the fold's validation section
+    (``{row}_smsel``); their prediction times add the smoothing's to the row's (a row without its own time keeps the
+    fold's)."""
+    out = []
+    for suffix, chosen in (("sm", False), ("smsel", True))[: 2 if choose else 1]:
+        t = time.perf_counter()
+        kw = {}
+        if chosen:
+            sweep = hf.tl.select_smoothing(sdata, pred_key=f"bench_{row}")
+            best = sweep[sweep["chosen"]].iloc[0]
+            kw = {"self_weight": float(best["self_weight"]), "n_rings": int(best["n_rings"])}
+            print(f"    {row}: smoothing chosen on the validation section: self weight {kw['self_weight']:g}, "
+                  f"{kw['n_rings']} ring(s)", flush=True)  # fmt: skip
+        hf.tl.smooth_predictions(sdata, pred_key=f"bench_{row}", key_added=f"bench_{row}_{suffix}", **kw)
+        if row in times:
+            times[f"{row}_{suffix}"] = times[row] + time.perf_counter() - t
+        out.append(f"{row}_{suffix}")
+    return out
 
 
 def _draws_label(extra_row: str, per: str = " per member") -> str:
@@ -520,6 +551,9 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
                 if getattr(args, "distil", None) is not None and method in MOLF_VARIANTS:
                     rows += [row for row, *_ in draw_rows(f"{method}_distil", DISTIL_DRAWS)]
                 row_fit_s = table.uns.pop("bench_fit_s", {})  # --distil: the ensemble's fit time and the student's
+                if args.smooth:  # every row again, averaged with its spatial neighbours
+                    choose = not args.no_validation  # no validation section: the defaults only
+                    rows += [row for base in list(rows) for row in smoothed_rows(sdata, base, row_s, choose)]
                 for row in rows:
                     vals = score(sdata, row)
                     for (gs, m), v in vals.items():
@@ -759,6 +793,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         "W × the ensemble's prediction + (1 − W) × the measured expression, scored with 1, 2 and 16 draws "
         "(independent and antithetic) and at temperature 0 (fit time: the ensemble's and the student's)",
     )
+    p.add_argument(
+        "--smooth",
+        action="store_true",
+        help="score every row also averaged with its spatial neighbours (tl.smooth_predictions with its defaults, "
+        "and, unless --no-validation, with the weight and rings tl.select_smoothing chooses on the fold's validation "
+        "section)",
+    )
     p.add_argument("--vae-extra", action="store_true", help="train Stage I also on the count-only sections")
     p.add_argument(
         "--stage-one",
@@ -788,6 +829,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.no_validation and (args.select_guidance or args.rotate_validation or args.hest_bench):
         p.error("argument --no-validation: add --no-guidance-selection, and drop --rotate-validation and --hest-bench "
                 "(they need the validation section)")  # fmt: skip
+    if args.smooth and args.hest_bench:
+        p.error("argument --smooth: HER2ST mode only; drop it with --hest-bench")
     if args.molf_train.get("refit") and args.select_guidance:
         p.error("argument --set refit=true: add --no-guidance-selection (after the refit the validation section is a "
                 "training section, so filter-and-rank on it would score training data)")  # fmt: skip

@@ -8,6 +8,9 @@
 Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with guidance (w = 2: conditional and null branch in one batched forward pass),
 - MoLF, steps = 1 with guidance, one draw from the prior mean (``temperature=0``: the null branch is evaluated once),
+- the same through ``tl.predict`` (the predictions written to the table), then smoothed with
+  ``tl.smooth_predictions`` (each spot averaged with its spatial neighbours) on a graph built before the timed call
+  (``obsp["spatial_connectivities"]``, as squidpy leaves it), and with the graph built in the timed call,
 - MoLF, steps = 10 with guidance,
 - MoLF, steps = 1 with guidance, mean of 16 draws (``n_samples=16``: the condition is encoded once, each draw is a
   velocity evaluation and a decoder pass),
@@ -68,6 +71,11 @@ def _table(n: int, seed: int = 0, dim: int = 1280):
     return a
 
 
+#: rows of one model at temperature 0 through ``tl.predict``: alone, then smoothed on a given graph, and smoothed with
+#: the graph built in the timed call
+TL_ROWS = ("molf_t0_tl", "molf_t0_smooth", "molf_t0_smooth_graph")
+
+
 def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dict, dim: int, q: mp.Queue) -> None:
     import torch
 
@@ -97,12 +105,15 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
         steps = 10 if kind == "molf_10" else 1
         draws = {"molf_16": 16, "molf_anti4": 4, "ens3_16": 16, "ens3_anti2": 2}.get(kind, 1)
         sampling = {"steps": steps, "guidance": 2.0, "n_samples": draws, "antithetic": "anti" in kind}
-        if kind.endswith("_t0"):
+        through_tl = kind in TL_ROWS  # one model through tl.predict (writing the table), then maybe smoothed
+        if kind.endswith("_t0") or through_tl:
             sampling["temperature"] = 0.0
         ensemble = kind.startswith("ens")
-        if ensemble:  # ens<N>_*: N members with their own weights, predicted through tl.predict
-            import histoflow as hf
+        import histoflow as hf
 
+        if kind == "molf_t0_smooth":  # the slides' spatial graph exists already (as from squidpy): not timed
+            a.obsp["spatial_connectivities"] = hf.tl.metrics.spatial_connectivity(a)
+        if ensemble:  # ens<N>_*: N members with their own weights, predicted through tl.predict
             members = [m]
             for seed in range(1, int(kind[3])):
                 other = MoLF(a, **{**kw, "seed": seed})
@@ -114,6 +125,11 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
             t = time.perf_counter()
             if ensemble:
                 hf.tl.predict(members, a, **sampling, device=device)
+            elif through_tl:
+                hf.tl.predict(m, a, **sampling, device=device, key_added="molf")
+                if kind != "molf_t0_tl":
+                    graph = "spatial_connectivities" if kind == "molf_t0_smooth" else None
+                    hf.tl.smooth_predictions(a, pred_key="molf", connectivity_key=graph)
             else:
                 m.predict(a, **sampling, device=device)
             if i >= warmup:
@@ -143,6 +159,9 @@ def main() -> None:
     rows = [
         ("molf", "MoLF, 1 step, guidance w=2"),
         ("molf_t0", "MoLF, 1 step, w=2, temperature 0"),
+        ("molf_t0_tl", "MoLF, 1 step, w=2, temperature 0, tl.predict"),
+        ("molf_t0_smooth", "the same + tl.smooth_predictions (graph given)"),
+        ("molf_t0_smooth_graph", "the same + tl.smooth_predictions (graph built)"),
         ("molf_10", "MoLF, 10 steps, guidance w=2"),
         ("molf_16", "MoLF, 1 step, w=2, mean of 16 draws"),
         ("molf_anti4", "MoLF, 1 step, w=2, mean of 4 antithetic draws"),

@@ -458,3 +458,33 @@ def test_prediction_rank_is_the_correlation_rank_per_test_slide():
     assert mod.prediction_rank(table, "bench_x") == pytest.approx(
         (1.0 + mod.correlation_rank(independent)) / 2, abs=1e-9
     )
+
+
+def test_smooth_rows_average_each_row_with_its_neighbours_default_and_chosen_on_validation(tmp_path, capsys):
+    import histoflow as hf
+
+    harness, table, args = _fit_setup(tmp_path)
+    harness.fit_method(table, "molf", args, None)
+    times = {"molf": 1.5}
+    assert harness.smoothed_rows(table, "molf", times) == ["molf_sm", "molf_smsel"]
+    assert times["molf_sm"] > 1.5 and times["molf_smsel"] > 1.5  # the row's prediction time plus the smoothing's
+    ref = hf.tl.smooth_predictions(table, pred_key="bench_molf", copy=True)
+    np.testing.assert_allclose(table.obsm["bench_molf_sm"].to_numpy(), ref.obsm["bench_molf_smoothed"].to_numpy())
+    chosen = table.uns["bench_molf_smoothing"]
+    assert chosen["split"] == "val"
+    ref = hf.tl.smooth_predictions(
+        table, pred_key="bench_molf", self_weight=chosen["self_weight"], n_rings=chosen["n_rings"], copy=True
+    )
+    np.testing.assert_allclose(table.obsm["bench_molf_smsel"].to_numpy(), ref.obsm["bench_molf_smoothed"].to_numpy())
+    assert "smoothing chosen on the validation section" in capsys.readouterr().out
+    label = harness._row_label("molf_t0_sm", 1)
+    assert label == "MoLF (MoE, window context), temperature 0, smoothed with the defaults"  # one model: no "member"
+    assert harness._row_label("molf_t0_smsel", 3) == (
+        "MoLF (MoE, window context), temperature 0 per member, smoothed as chosen on the validation section"
+    )
+    assert harness._row_label("molf_sm", 3) == "MoLF (MoE, window context), ensemble of 3, smoothed with the defaults"
+    assert harness._row_label("ridge_sm", 1) == "ridge (HEST probe), smoothed with the defaults"
+    assert harness.smoothed_rows(table, "molf", {}, choose=False) == ["molf_sm"]  # --no-validation: the defaults
+    with pytest.raises(SystemExit):
+        harness.main(["--smooth", "--hest-bench", "x"])
+    assert "--smooth: HER2ST mode only" in capsys.readouterr().err

@@ -59,3 +59,39 @@ def test_antithetic_and_ensemble_rows_predict_and_report_a_time(kind, monkeypatc
         assert all((kw.get("temperature", 1.0) == 0) == kind.endswith("_t0") for _, kw in calls)
     else:
         assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "graph"),
+    [("molf_t0_tl", None), ("molf_t0_smooth", "spatial_connectivities"), ("molf_t0_smooth_graph", None)],
+)
+def test_rows_through_tl_predict_write_then_smooth(kind, graph, monkeypatch):
+    import torch
+
+    import histoflow as hf
+
+    calls = []
+    predict, smooth = hf.tl.predict, hf.tl.smooth_predictions
+    monkeypatch.setattr(hf.tl, "predict", lambda m, a, **kw: calls.append(("predict", kw)) or predict(m, a, **kw))
+
+    def spy_smooth(a, **kw):
+        calls.append(("smooth", kw))
+        smooth(a, **kw)
+        assert "molf_smoothed" in a.obsm and "molf" in a.obsm  # the prediction was written, then smoothed
+
+    monkeypatch.setattr(hf.tl, "smooth_predictions", spy_smooth)
+    mod = load_script("benchmarks/predict_speed.py", "predict_speed")
+    q, threads = _Queue(), torch.get_num_threads()
+    try:
+        mod._run(kind, 300, 2, 1, "cpu", {"cond_dim": 16, "latent_dim": 8}, 32, q)
+    finally:
+        torch.set_num_threads(threads)
+    [(sec, _, _)] = q
+    assert sec > 0
+    assert [c for c, _ in calls if c == "predict"] == ["predict"] * 2
+    assert all(kw["temperature"] == 0 and kw["key_added"] == "molf" for c, kw in calls if c == "predict")
+    smooths = [kw for c, kw in calls if c == "smooth"]
+    if kind == "molf_t0_tl":
+        assert smooths == []
+    else:
+        assert [kw["connectivity_key"] for kw in smooths] == [graph] * 2

@@ -20,6 +20,9 @@ from histoflow.tl._flag import fit_flag
 # MoLF
 from histoflow.tl._molf import fit_molf, predict, select_guidance, trajectories
 
+# post-processing
+from histoflow.tl._smooth import select_smoothing, smooth_predictions
+
 __all__ = [
     "evaluate",
     "metrics",
@@ -29,5 +32,7 @@ __all__ = [
     "fit_flag",
     "predict",
     "select_guidance",
+    "select_smoothing",
+    "smooth_predictions",
     "trajectories",
 ]
