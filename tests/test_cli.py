@@ -226,6 +226,19 @@ def test_zarr_chain_fit_predict_evaluate(embedded, tmp_path, capsys):
     tpair, tiid = _read(pairs), _read(tmp_path / "iid.zarr")
     assert tpair.uns["pairs"]["params"]["antithetic"] and not tiid.uns["pairs"]["params"]["antithetic"]
     assert not np.allclose(tpair.obsm["pairs"].to_numpy(), tiid.obsm["pairs"].to_numpy())
+    # --smooth: the prediction and, beside it, the prediction averaged with the spatial neighbours
+    smooth = tmp_path / "smooth.zarr"
+    args = ["predict", str(fitted), "--model-dir", str(model), "--temperature", "0", "--key-added", "point", "-q"]
+    assert main([*args, "--output", str(smooth), "--smooth", "0.25", "--smooth-rings", "2"]) == 0
+    ts = _read(smooth)
+    np.testing.assert_allclose(ts.obsm["point"].to_numpy(), tp.obsm["point"].to_numpy(), rtol=1e-6, atol=1e-7)
+    assert ts.uns["point_smoothed"]["self_weight"] == 0.25 and ts.uns["point_smoothed"]["n_rings"] == 2
+    ref = hf.tl.smooth_predictions(tp, pred_key="point", self_weight=0.25, n_rings=2, copy=True)
+    np.testing.assert_allclose(ts.obsm["point_smoothed"].to_numpy(), ref.obsm["point_smoothed"].to_numpy(), rtol=1e-6)
+    assert not np.allclose(ts.obsm["point_smoothed"].to_numpy(), ts.obsm["point"].to_numpy())
+    with pytest.raises(SystemExit):
+        main([*args, "--output", str(tmp_path / "bad.zarr"), "--smooth", "1.5"])
+    assert "expected a weight between 0 and 1, got '1.5'" in capsys.readouterr().err
 
     # evaluate: printed table, CSV with every row
     csv = tmp_path / "metrics.csv"

@@ -74,6 +74,7 @@ def api_defaults() -> dict[str, dict[str, Any]]:
         "predict": tl.predict,
         "select_guidance": tl.select_guidance,
         "evaluate": tl.evaluate,
+        "smooth_predictions": tl.smooth_predictions,
     }
     return {name: _signature_defaults(f) for name, f in funcs.items()}
 
@@ -101,6 +102,7 @@ _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _number(float, "a positive number", lambda v: 0 < v < float("inf"))
 _fraction = _number(float, "a number")
+_unit_weight = _number(float, "a weight between 0 and 1", lambda v: 0 <= v <= 1)
 
 
 def _devices(text: str) -> int | str | list[int]:
@@ -578,6 +580,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         cls = MLPBaseline if kind == "mlp" else RidgeProbe
         _predict_baseline(cls.load(args.model_dir), data, args, kind)
+    if args.smooth is not None:  # then each spot averaged with its spatial neighbours, under <key>_smoothed
+        key = args.key_added or d["key_added"] or kind
+        hf.tl.smooth_predictions(
+            data, pred_key=key, self_weight=args.smooth, n_rings=args.smooth_rings, table_key=args.table_key
+        )
     write_atomic(data, out, overwrite=args.overwrite)
     return 0
 
@@ -1098,6 +1105,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--key-added", default=None, help="key of the predictions (default: the model's name, molf, mlp or ridge)"
+    )
+    p.add_argument(
+        "--smooth",
+        type=_unit_weight,
+        default=None,
+        metavar="WEIGHT",
+        help="also write the predictions averaged with the spots' spatial neighbours under <key>_smoothed "
+        "(histoflow.tl.smooth_predictions): WEIGHT for the spot, 1 - WEIGHT for its neighbours' mean (e.g. 0.5)",
+    )
+    p.add_argument(
+        "--smooth-rings",
+        type=_positive_int,
+        default=d["smooth_predictions"]["n_rings"],
+        help="with --smooth: rings of neighbours (1: the grid's neighbours, 2: also theirs)",
     )
     p.set_defaults(func=_cmd_predict, parser=p)
 
