@@ -107,9 +107,11 @@ def _graph(adata: AnnData, connectivity_key: str | None, **graph: Any) -> sp.csr
     return _check_connectivity(adata.obsp[connectivity_key], adata.n_obs, f"obsp[{connectivity_key!r}]")
 
 
-def _smoothed(values: np.ndarray, graph: sp.spmatrix, self_weight: float) -> tuple[np.ndarray, np.ndarray]:
-    """The smoothed values and which rows changed (a prediction and at least one predicted neighbour)."""
-    nb, count = neighbour_mean(values, graph)
+def _blend(
+    values: np.ndarray, neighbours: tuple[np.ndarray, np.ndarray], self_weight: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` blended with :func:`neighbour_mean`'s output; and the rows changed (own and neighbour values)."""
+    nb, count = neighbours
     use = (count > 0) & np.isfinite(values).all(axis=1)
     out = values.copy()
     out[use] = self_weight * values[use] + (1.0 - self_weight) * nb[use]
@@ -194,7 +196,7 @@ def smooth_predictions(
     pred, values = _predictions(adata, pred_key)
     graph = {"library_key": library_key, "spatial_key": spatial_key, "coord_type": coord_type, "n_neighs": n_neighs}
     G = _graph(adata, connectivity_key, technology_key=technology_key, **graph)
-    smoothed, use = _smoothed(values, G if rings == 1 else within_rings(G, rings), w)
+    smoothed, use = _blend(values, neighbour_mean(values, G if rings == 1 else within_rings(G, rings)), w)
     dtype = np.float32 if (pred.dtypes == np.float32).all() else np.float64  # as the predictions were written
     frame = pd.DataFrame(smoothed.astype(dtype), index=pred.index.copy(), columns=pred.columns.copy())
     params = {
@@ -312,11 +314,11 @@ def select_smoothing(
     G = _graph(adata, connectivity_key, technology_key=technology_key, **graph)
     records = []
     for r in rings:
-        A = G if r == 1 else within_rings(G, r)
+        neighbours = neighbour_mean(values, G if r == 1 else within_rings(G, r))  # once per ring count
         for w in weights:
             if w == 1.0 and r != rings[0]:  # no smoothing: the same for every ring count
                 continue
-            smoothed, _ = _smoothed(values, A, w)
+            smoothed, _ = _blend(values, neighbours, w)
             records.append({"self_weight": w, "n_rings": r, "pcc": pcc(truth, smoothed[rows], groups=groups)})
     sweep = pd.DataFrame(records)
     order = sweep.assign(neg_w=-sweep["self_weight"]).sort_values(
