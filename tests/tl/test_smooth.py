@@ -255,7 +255,7 @@ def test_select_smoothing_never_looks_at_other_slides(helpers):
         ({"self_weights": (0.5, 2.0)}, ValueError, "self_weight"),
         ({"n_rings": (0,)}, ValueError, "n_rings"),
         ({"true_layer": "counts"}, KeyError, "true_layer"),
-        ({"pred_key": "other_genes"}, KeyError, "genes the table lacks"),
+        ({"pred_key": "other_genes"}, KeyError, "no truth for them"),
     ],
 )
 def test_select_smoothing_bad_input(helpers, kwargs, error, match):

@@ -13,7 +13,8 @@ from histoflow._constants import Key
 from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import copy_data, get_table, log_write
-from histoflow._validate import check_obs_key, check_obsm_key, get_matrix
+from histoflow._validate import check_obs_key, check_obsm_key
+from histoflow.tl._evaluate import _dense_rows, _truth
 from histoflow.tl._metrics import _check_connectivity, pcc, spatial_connectivity
 
 if TYPE_CHECKING:
@@ -292,20 +293,13 @@ def select_smoothing(
         raise ValueError("`self_weights` and `n_rings` need at least one value each.")
     adata = get_table(sdata, table_key)
     pred, values = _predictions(adata, pred_key)
-    genes = [str(c) for c in pred.columns]
-    missing = [g for g in genes if g not in adata.var_names]
-    if missing:
-        raise KeyError(
-            f"`obsm[{pred_key!r}]` has genes the table lacks ({missing[:5]}{' ...' if len(missing) > 5 else ''}); "
-            "their measured expression is needed to score the smoothing."
-        )
+    X = _truth(adata, true_layer, [str(c) for c in pred.columns])  # the same checks as tl.evaluate
     if split_key not in adata.obs:
         raise KeyError(f"`split_key={split_key!r}` is not a column of `adata.obs`; run `histoflow.pp.split_slides`.")
     rows = np.flatnonzero((adata.obs[split_key].astype(str).to_numpy() == split) & np.isfinite(values).all(axis=1))
     if rows.size == 0:
         raise ValueError(f"No spot with a prediction has `obs[{split_key!r}] == {split!r}`; choose another `split=`.")
-    X = get_matrix(adata, true_layer, "true_layer")[:, adata.var_names.get_indexer(genes)]
-    truth = np.asarray(X[rows].todense() if sp.issparse(X) else X[rows], dtype=np.float64)
+    truth = _dense_rows(X, rows)
     groups = None
     if library_key is not None:
         check_obs_key(adata, library_key, "library_key", hint="Pass `library_key=None` for a single slide.")
