@@ -6,7 +6,7 @@
                                 [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
                                 [--ensemble N [--shared-stage-one] [--rotate-validation]] [--antithetic]
                                 [--api [--draws N [N ...]] [--distil W]] [--no-validation]
-                                [--panel-with-validation] [--smooth]
+                                [--panel-with-validation] [--smooth] [--blend W [W ...]]
                                 [--quick] [--threads 2] [--accelerator cpu|gpu]
                                 [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
@@ -41,11 +41,13 @@ for ``--epochs`` epochs without early stopping, and ``--set refit=true`` trains 
 stopping on the validation section, then from the same initial weights on all four non-test sections for the best epochs
 (both with ``--no-guidance-selection``); ``--smooth`` scores every row also after ``tl.smooth_predictions`` (each spot
 averaged with its spatial neighbours), with its defaults and with the weight and rings ``tl.select_smoothing`` chooses
-on the fold's validation section (not with ``--no-validation``); each MoLF fit prints the training time and epochs of
-its stages. Every method is scored on the test section with ``tl.evaluate``: PCC (per gene over the test section's
-spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot 1-Wasserstein and
-cosine distance, and spatial domains (k-means on PCA, ARI/NMI against the domains of the truth). Values are mean ± std
-over the folds; times are per fold (fit and predict; the features are shared and timed once).
+on the fold's validation section (not with ``--no-validation``); ``--blend 0.5`` scores every MoLF row also blended
+with the ridge probe, ``0.5`` × MoLF's prediction + ``0.5`` × the probe's (``tl.blend_predictions``; the probe is then
+fitted with an intercept, which changes none of its correlations, and before MoLF); each MoLF fit prints the training
+time and epochs of its stages. Every method is scored on the test section with ``tl.evaluate``: PCC (per gene over
+the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot
+1-Wasserstein and cosine distance, and spatial domains (k-means on PCA, ARI/NMI against the domains of the truth).
+Values are mean ± std over the folds; times are per fold (fit and predict; the features are shared and timed once).
 
 HEST-Bench mode (``--hest-bench``): reads a HEST-Bench task folder (``<DIR>/<TASK>/adata/<id>.h5ad``,
 ``splits/{train,test}_<k>.csv``, ``var_50genes.json``, features either precomputed as
@@ -200,6 +202,10 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
             accelerator=args.accelerator,
             devices=1,
             seed=args.seed,
+            # --blend: the probe on the log1p scale (its coefficients, and so its scores, stay the same)
+            **({"fit_intercept": True} if method == "ridge" and getattr(args, "blend", None) else {}),
+            # --no-validation: no validation spots to stop on, so the MLP trains its full 100 epochs
+            **({"early_stopping": False} if method == "mlp" and getattr(args, "no_validation", False) else {}),
         )
         return time.perf_counter() - t, np.nan
     table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata  # HEST-Bench mode passes the table
@@ -294,6 +300,13 @@ def _predict_rows(model, sdata, rows, sampling: dict, times: dict) -> None:
         at = sampling if temp is None else {**sampling, "temperature": temp}
         hf.tl.predict(model, sdata, n_samples=n, antithetic=anti, **at, key_added=f"bench_{row}")
         times[row] = time.perf_counter() - t
+
+
+def _blend_weight(value: str) -> float:
+    """A ``--blend`` weight: MoLF's share of the blend, strictly between 0 and 1."""
+    if not _is_weight(value):
+        raise argparse.ArgumentTypeError(f"MoLF's weight must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)
 
 
 def _draw_count(value: str) -> int | str:
@@ -474,6 +487,9 @@ def print_table(results: pd.DataFrame, panel: str, gene_set: str, title: str, en
 
 def _row_label(method: str, ensemble: int) -> str:
     """The table label of a row: the method's, then what the row changes (draws, members, smoothing)."""
+    base, sep, weight = method.rpartition("_ridge")
+    if sep and base and _is_weight(weight):
+        return f"{_row_label(base, ensemble)}, blended with the ridge probe (MoLF weight {weight})"
     for suffix, what in (("_smsel", "as chosen on the validation section"), ("_sm", "with the defaults")):
         if method.endswith(suffix):
             return f"{_row_label(method[: -len(suffix)], ensemble)}, smoothed {what}"
@@ -509,6 +525,29 @@ def smoothed_rows(sdata, row: str, times: dict, choose: bool = True) -> list[str
     return out
 
 
+def _is_weight(text: str) -> bool:
+    """Whether ``text`` is a number strictly between 0 and 1 (a blend weight)."""
+    try:
+        return 0.0 < float(text) < 1.0
+    except ValueError:
+        return False
+
+
+def blended_rows(sdata, row: str, weights: list[float], times: dict) -> list[str]:
+    """``--blend``: ``bench_{row}`` blended with the ridge probe's ``bench_ridge`` by ``tl.blend_predictions``,
+    ``W`` × the row's prediction + (1 − ``W``) × the probe's for each ``W`` of ``weights`` (row ``{row}_ridge{W}``);
+    their prediction times add the blend's to the row's (a row without its own time keeps the fold's)."""
+    out = []
+    for w in weights:
+        t = time.perf_counter()
+        name = f"{row}_ridge{w:g}"
+        hf.tl.blend_predictions(sdata, {f"bench_{row}": w, "bench_ridge": 1.0 - w}, key_added=f"bench_{name}")
+        if row in times:
+            times[name] = times[row] + time.perf_counter() - t
+        out.append(name)
+    return out
+
+
 def _draws_label(extra_row: str, per: str = " per member") -> str:
     """``n4`` → ", 4 draws per member", ``anti4`` → ", 4 antithetic draws per member" (``--draws`` rows);
     ``distil_anti2`` → ", one student of the ensemble, 2 antithetic draws", ``distil_t0`` → "…, temperature 0"."""
@@ -539,8 +578,10 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
             genes = select_panel(sdata, panel, gmt, args.panel_with_validation)  # the fold's training sections
             if args.no_validation:  # then the validation section trains too
                 table.obs["split"] = pd.Categorical(table.obs["split"].astype(str).replace("val", "train"))
+            fit_times = {}
             for method in args.methods:
                 fit_s, pred_s = fit_method(sdata, method, args, extra)
+                fit_times[method] = fit_s
                 rows = [method]
                 if args.stage_one and method in MOLF_VARIANTS:
                     rows += [f"{method}_1draw", f"{method}_stage1"]
@@ -554,6 +595,10 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
                 if args.smooth:  # every row again, averaged with its spatial neighbours
                     choose = not args.no_validation  # no validation section: the defaults only
                     rows += [row for base in list(rows) for row in smoothed_rows(sdata, base, row_s, choose)]
+                if args.blend and method in MOLF_VARIANTS:  # every MoLF row again, blended with the ridge probe
+                    blends = [row for base in list(rows) for row in blended_rows(sdata, base, args.blend, row_s)]
+                    row_fit_s.update({row: row_fit_s.get(row, fit_s) + fit_times["ridge"] for row in blends})
+                    rows += blends
                 for row in rows:
                     vals = score(sdata, row)
                     for (gs, m), v in vals.items():
@@ -780,6 +825,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         "sections): no early stopping, Stage II trains for --epochs epochs; needs --no-guidance-selection",
     )
     p.add_argument(
+        "--blend",
+        type=_blend_weight,
+        nargs="+",
+        metavar="W",
+        help="score every MoLF row also blended with the ridge probe (tl.blend_predictions): W × MoLF's prediction + "
+        "(1 − W) × the probe's, for each W (between 0 and 1); needs ridge in --methods (fitted first, with an "
+        "intercept)",
+    )
+    p.add_argument(
         "--panel-with-validation",
         action="store_true",
         help="choose the panel on the validation section too (four sections instead of the fold's three training "
@@ -831,6 +885,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 "(they need the validation section)")  # fmt: skip
     if args.smooth and args.hest_bench:
         p.error("argument --smooth: HER2ST mode only; drop it with --hest-bench")
+    if args.blend and (args.hest_bench or "ridge" not in args.methods):
+        p.error("argument --blend: HER2ST mode only, and needs ridge in --methods (the probe MoLF is blended with)")
+    if args.blend:  # the probe (and the MLP) first, so that every MoLF row can be blended with it
+        args.methods = sorted(args.methods, key=lambda m: m not in ("ridge", "mlp"))
     if args.molf_train.get("refit") and args.select_guidance:
         p.error("argument --set refit=true: add --no-guidance-selection (after the refit the validation section is a "
                 "training section, so filter-and-rank on it would score training data)")  # fmt: skip

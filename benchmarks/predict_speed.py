@@ -10,7 +10,9 @@ Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with guidance, one draw from the prior mean (``temperature=0``: the null branch is evaluated once),
 - the same through ``tl.predict`` (the predictions written to the table), then smoothed with
   ``tl.smooth_predictions`` (each spot averaged with its spatial neighbours) on a graph built before the timed call
-  (``obsp["spatial_connectivities"]``, as squidpy leaves it), and with the graph built in the timed call,
+  (``obsp["spatial_connectivities"]``, as squidpy leaves it), and with the graph built in the timed call, and
+  smoothed on the given graph then blended half and half with the ridge probe (its prediction, written to the table,
+  and ``tl.blend_predictions`` timed too),
 - MoLF, steps = 10 with guidance,
 - MoLF, steps = 1 with guidance, mean of 16 draws (``n_samples=16``: the condition is encoded once, each draw is a
   velocity evaluation and a decoder pass),
@@ -21,6 +23,7 @@ Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - two MoLF models, one draw each from the prior mean (the two-member ensemble of the benchmarks page),
 - MoLF, steps = 1 with a condition width of 128 instead of the paper's 256 (``cond_dim=128``),
 - MoLF, steps = 1 without spatial context (bag of patches),
+- the ridge probe (``RidgeProbe.predict``: one affine map of the features; fitted on 5,000 spots before timing),
 - the MLP baseline (one forward pass),
 all on the same synthetic table (1280-d features as from EfficientNet-Lite0, a Visium-like grid, 50 genes;
 ``--feature-dim 3840`` for the spot patch and two context patches concatenated, as ``benchmarks/her2st.py
@@ -73,10 +76,18 @@ def _table(n: int, seed: int = 0, dim: int = 1280):
 
 #: rows of one model at temperature 0 through ``tl.predict``: alone, then smoothed on a given graph, and smoothed with
 #: the graph built in the timed call
-TL_ROWS = ("molf_t0_tl", "molf_t0_smooth", "molf_t0_smooth_graph")
+TL_ROWS = ("molf_t0_tl", "molf_t0_smooth", "molf_t0_smooth_graph", "molf_t0_smooth_ridge")
+
+
+def _ridge(a):
+    """The ridge probe with an intercept, fitted on the first 5,000 spots of ``a`` (not timed)."""
+    from histoflow.models import RidgeProbe
+
+    return RidgeProbe(a[:5000].copy(), embedding_key="X_efficientnet_lite0", fit_intercept=True).train()
 
 
 def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dict, dim: int, q: mp.Queue) -> None:
+    import pandas as pd
     import torch
 
     torch.set_num_threads(threads)
@@ -84,7 +95,13 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
     times = []
     gpu = device.startswith("cuda")
     warmup = 1 if gpu else 0
-    if kind == "mlp":
+    if kind == "ridge":
+        m = _ridge(a)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            m.predict(a)
+            times.append(time.perf_counter() - t)
+    elif kind == "mlp":
         from histoflow.models import MLPBaseline
 
         m = MLPBaseline(a, embedding_key="X_efficientnet_lite0", layer="log1p")
@@ -111,8 +128,9 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
         ensemble = kind.startswith("ens")
         import histoflow as hf
 
-        if kind == "molf_t0_smooth":  # the slides' spatial graph exists already (as from squidpy): not timed
+        if kind in ("molf_t0_smooth", "molf_t0_smooth_ridge"):  # the slides' graph exists (as from squidpy): not timed
             a.obsp["spatial_connectivities"] = hf.tl.metrics.spatial_connectivity(a)
+        ridge = _ridge(a) if kind == "molf_t0_smooth_ridge" else None
         if ensemble:  # ens<N>_*: N members with their own weights, predicted through tl.predict
             members = [m]
             for seed in range(1, int(kind[3])):
@@ -128,8 +146,11 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
             elif through_tl:
                 hf.tl.predict(m, a, **sampling, device=device, key_added="molf")
                 if kind != "molf_t0_tl":
-                    graph = "spatial_connectivities" if kind == "molf_t0_smooth" else None
+                    graph = None if kind == "molf_t0_smooth_graph" else "spatial_connectivities"
                     hf.tl.smooth_predictions(a, pred_key="molf", connectivity_key=graph)
+                if ridge is not None:  # the probe's predictions into the table, then the blend
+                    a.obsm["ridge"] = pd.DataFrame(ridge.predict(a), index=a.obs_names, columns=ridge.genes)
+                    hf.tl.blend_predictions(a, {"molf_smoothed": 0.5, "ridge": 0.5})
             else:
                 m.predict(a, **sampling, device=device)
             if i >= warmup:
@@ -162,6 +183,7 @@ def main() -> None:
         ("molf_t0_tl", "MoLF, 1 step, w=2, temperature 0, tl.predict"),
         ("molf_t0_smooth", "the same + tl.smooth_predictions (graph given)"),
         ("molf_t0_smooth_graph", "the same + tl.smooth_predictions (graph built)"),
+        ("molf_t0_smooth_ridge", "the same (graph given) + ridge probe + tl.blend_predictions"),
         ("molf_10", "MoLF, 10 steps, guidance w=2"),
         ("molf_16", "MoLF, 1 step, w=2, mean of 16 draws"),
         ("molf_anti4", "MoLF, 1 step, w=2, mean of 4 antithetic draws"),
@@ -171,6 +193,7 @@ def main() -> None:
         ("ens2_t0", "2 MoLF models, 1 step, w=2, temperature 0 (1 draw each)"),
         ("molf_128", "MoLF, 1 step, w=2, cond_dim=128"),
         ("molf_bag", "MoLF, 1 step, w=2, no spatial context"),
+        ("ridge", "ridge probe"),
         ("mlp", "MLP baseline"),
     ]
     if args.models:

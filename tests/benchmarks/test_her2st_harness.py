@@ -488,3 +488,40 @@ def test_smooth_rows_average_each_row_with_its_neighbours_default_and_chosen_on_
     with pytest.raises(SystemExit):
         harness.main(["--smooth", "--hest-bench", "x"])
     assert "--smooth: HER2ST mode only" in capsys.readouterr().err
+
+
+def test_mlp_trains_without_a_validation_section_under_no_validation(tmp_path):
+    harness, table, args = _fit_setup(tmp_path, no_validation=True)
+    table.obs["split"] = pd.Categorical(np.full(table.n_obs, "train"))  # what --no-validation leaves
+    harness.fit_method(table, "mlp", args, None)
+    history = table.uns["bench_mlp"]["history"]
+    assert len(history) == 100 and np.isfinite(table.obsm["bench_mlp"].to_numpy()).all()  # no early stop: 100 epochs
+    args.no_validation = False
+    with pytest.raises(ValueError, match="marks no spot as 'val'"):
+        harness.fit_method(table, "mlp", args, None)
+
+
+def test_blend_rows_mix_each_molf_row_with_the_ridge_probe_fitted_with_an_intercept(tmp_path, capsys):
+    harness, table, args = _fit_setup(tmp_path, blend=[0.5, 0.8])
+    harness.fit_method(table, "ridge", args, None)
+    assert table.uns["bench_ridge"]["params"]["fit_intercept"] is True  # --blend: the probe on the log1p scale
+    harness.fit_method(table, "molf", args, None)
+    times = {"molf": 1.5}
+    assert harness.blended_rows(table, "molf", args.blend, times) == ["molf_ridge0.5", "molf_ridge0.8"]
+    assert times["molf_ridge0.8"] > 1.5
+    molf, ridge = table.obsm["bench_molf"], table.obsm["bench_ridge"][table.obsm["bench_molf"].columns]
+    expected = 0.8 * molf.to_numpy() + 0.2 * ridge.to_numpy()
+    np.testing.assert_allclose(table.obsm["bench_molf_ridge0.8"].to_numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert harness._row_label("molf_t0_sm_ridge0.5", 1) == (
+        "MoLF (MoE, window context), temperature 0, smoothed with the defaults, blended with the ridge probe "
+        "(MoLF weight 0.5)"
+    )
+    assert harness._row_label("ridge", 1) == "ridge (HEST probe)"
+    args.blend = None  # without --blend the probe keeps HEST's protocol (no intercept)
+    harness.fit_method(table, "ridge", args, None)
+    assert table.uns["bench_ridge"]["params"]["fit_intercept"] is False
+    for argv, match in ((["--blend", "1.5"], "strictly between 0 and 1"), (["--blend", "0.5", "--methods", "molf"],
+                        "needs ridge in --methods")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            harness.main(argv)
+        assert match in capsys.readouterr().err

@@ -63,7 +63,12 @@ def test_antithetic_and_ensemble_rows_predict_and_report_a_time(kind, monkeypatc
 
 @pytest.mark.parametrize(
     ("kind", "graph"),
-    [("molf_t0_tl", None), ("molf_t0_smooth", "spatial_connectivities"), ("molf_t0_smooth_graph", None)],
+    [
+        ("molf_t0_tl", None),
+        ("molf_t0_smooth", "spatial_connectivities"),
+        ("molf_t0_smooth_graph", None),
+        ("molf_t0_smooth_ridge", "spatial_connectivities"),
+    ],
 )
 def test_rows_through_tl_predict_write_then_smooth(kind, graph, monkeypatch):
     import torch
@@ -80,6 +85,14 @@ def test_rows_through_tl_predict_write_then_smooth(kind, graph, monkeypatch):
         assert "molf_smoothed" in a.obsm and "molf" in a.obsm  # the prediction was written, then smoothed
 
     monkeypatch.setattr(hf.tl, "smooth_predictions", spy_smooth)
+    blend = hf.tl.blend_predictions
+
+    def spy_blend(a, weights, **kw):
+        calls.append(("blend", weights))
+        blend(a, weights, **kw)
+        assert a.obsm["ridge"].shape == a.obsm["molf"].shape  # the probe's predictions were written first
+
+    monkeypatch.setattr(hf.tl, "blend_predictions", spy_blend)
     mod = load_script("benchmarks/predict_speed.py", "predict_speed")
     q, threads = _Queue(), torch.get_num_threads()
     try:
@@ -95,3 +108,20 @@ def test_rows_through_tl_predict_write_then_smooth(kind, graph, monkeypatch):
         assert smooths == []
     else:
         assert [kw["connectivity_key"] for kw in smooths] == [graph] * 2
+    blends = [w for c, w in calls if c == "blend"]
+    assert blends == ([{"molf_smoothed": 0.5, "ridge": 0.5}] * 2 if kind.endswith("_ridge") else [])
+
+
+def test_ridge_row_times_the_probe():
+    import torch
+
+    mod = load_script("benchmarks/predict_speed.py", "predict_speed")
+    q, threads = _Queue(), torch.get_num_threads()
+    try:
+        mod._run("ridge", 300, 3, 1, "cpu", {}, 32, q)
+    finally:
+        torch.set_num_threads(threads)
+    [(sec, rss, _)] = q
+    assert sec > 0 and rss > 0
+    probe = mod._ridge(mod._table(300, dim=32))
+    assert probe.fit_intercept and probe.train_params["n_components_fitted"] == 32  # fitted on the spots it has

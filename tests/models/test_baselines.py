@@ -81,8 +81,27 @@ def test_ridge_equals_the_hest_sklearn_pipeline(table, n_components):
     X = table.obsm["X_feat"].astype(np.float64)
     pipe.fit(X[TRAIN], table.layers["log1p"][TRAIN].astype(np.float64))
     np.testing.assert_allclose(model.predict(table), pipe.predict(X), rtol=1e-5, atol=1e-5)
+    # the folded affine map gives the same predictions in any batch size
+    np.testing.assert_allclose(model.predict(table, batch_size=7), model.predict(table), rtol=1e-6, atol=1e-7)
     # no intercept: predictions are centred on the training spots while the targets are not (MSE meaningless)
     assert abs(model.predict(table)[TRAIN].mean()) < 0.05 < table.layers["log1p"][TRAIN].mean()
+
+
+def test_ridge_intercept_puts_predictions_on_the_target_scale_and_keeps_the_correlations(table, tmp_path):
+    plain = RidgeProbe(table, embedding_key="X_feat").train().predict(table)
+    model = RidgeProbe(table, embedding_key="X_feat", fit_intercept=True).train()
+    pred = model.predict(table)
+    y = table.layers["log1p"]
+    # the intercept is each gene's training mean (the training PCA scores are centred), up to lsqr's tolerance
+    np.testing.assert_allclose(pred - plain, np.broadcast_to(y[TRAIN].mean(axis=0), pred.shape), atol=2e-3)
+    assert np.mean((pred[TEST] - y[TEST]) ** 2) < 0.2 < np.mean((plain[TEST] - y[TEST]) ** 2)
+    assert mean_pcc(pred[TEST], y[TEST]) == pytest.approx(mean_pcc(plain[TEST], y[TEST]), abs=1e-4)
+    model.save(tmp_path / "m")
+    loaded = RidgeProbe.load(tmp_path / "m", table)
+    assert loaded.fit_intercept and loaded.params["fit_intercept"] is True
+    np.testing.assert_array_equal(loaded.predict(), pred)
+    with pytest.raises(TypeError, match="`fit_intercept` must be True or False"):
+        RidgeProbe(table, embedding_key="X_feat", fit_intercept="yes")
 
 
 def _masked_copy(table, garbage: bool):

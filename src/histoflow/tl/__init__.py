@@ -8,6 +8,9 @@ from histoflow.tl import metrics
 # baselines
 from histoflow.tl._baseline import fit_baseline
 
+# post-processing: blending predictions
+from histoflow.tl._blend import blend_predictions
+
 # MoLF seed ensembles
 from histoflow.tl._ensemble import fit_molf_ensemble
 
@@ -20,10 +23,11 @@ from histoflow.tl._flag import fit_flag
 # MoLF
 from histoflow.tl._molf import fit_molf, predict, select_guidance, trajectories
 
-# post-processing
+# post-processing: smoothing
 from histoflow.tl._smooth import select_smoothing, smooth_predictions
 
 __all__ = [
+    "blend_predictions",
     "evaluate",
     "metrics",
     "fit_baseline",

@@ -93,9 +93,10 @@ def fit_baseline(
     """Fit a baseline that predicts expression from patch features, and write its predictions.
 
     ``kind="ridge"``: the HEST-benchmark linear probe (:class:`histoflow.models.RidgeProbe`: standardise → PCA(256)
-    → ridge without intercept; compare it by PCC only). ``kind="mlp"``: a two-hidden-layer perceptron
-    (:class:`histoflow.models.MLPBaseline`) trained with Lightning, masked MSE on the targets, early stopping on the
-    validation spots. Both fit on the spots marked ``train`` in ``obs[split_key]``; the MLP stops early on ``val``.
+    → ridge without intercept, so compare it by PCC only; ``fit_intercept=True`` adds one). ``kind="mlp"``: a
+    two-hidden-layer perceptron (:class:`histoflow.models.MLPBaseline`) trained with Lightning, masked MSE on the
+    targets, early stopping on the validation spots. Both fit on the spots marked ``train`` in ``obs[split_key]``; the
+    MLP stops early on ``val``.
 
     Parameters
     ----------
@@ -129,7 +130,9 @@ def fit_baseline(
     copy
         Write into a copy of ``sdata`` and return it with the model instead of modifying ``sdata``.
     kwargs
-        Further arguments of the model class (e.g. ``hidden_dims``, ``dropout``, ``n_components``, ``alpha``) or
+        Further arguments of the model class (e.g. ``hidden_dims``, ``dropout``, ``n_components``, ``alpha``;
+        ``fit_intercept=True`` puts the ridge probe's predictions on the targets' scale, e.g. to blend them with
+        :func:`histoflow.tl.blend_predictions`) or
         of its ``train`` method (e.g. ``batch_size``, ``lr``, ``patience``, ``enable_progress_bar``).
 
     Returns
