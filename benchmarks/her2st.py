@@ -596,9 +596,10 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
                     choose = not args.no_validation  # no validation section: the defaults only
                     rows += [row for base in list(rows) for row in smoothed_rows(sdata, base, row_s, choose)]
                 if args.blend and method in MOLF_VARIANTS:  # every MoLF row again, blended with the ridge probe
-                    blends = [row for base in list(rows) for row in blended_rows(sdata, base, args.blend, row_s)]
-                    row_fit_s.update({row: row_fit_s.get(row, fit_s) + fit_times["ridge"] for row in blends})
-                    rows += blends
+                    for base in list(rows):  # each blend's fit time: its row's (a student's own) + the probe's
+                        for row in blended_rows(sdata, base, args.blend, row_s):
+                            row_fit_s[row] = row_fit_s.get(base, fit_s) + fit_times["ridge"]
+                            rows.append(row)
                 for row in rows:
                     vals = score(sdata, row)
                     for (gs, m), v in vals.items():

@@ -11,8 +11,8 @@ import pandas as pd
 
 from histoflow._constants import Key
 from histoflow._docs import doc_params
-from histoflow._utils import copy_data, get_table, log_write
-from histoflow.tl._smooth import _predictions
+from histoflow._utils import copy_data, get_table
+from histoflow.tl._smooth import _predictions, _write
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -103,33 +103,24 @@ def blend_predictions(
     if not isinstance(key_added, str) or not key_added:
         raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
     adata = get_table(sdata, table_key)
-    first, genes = None, None
-    total = None
-    for key, weight in w.items():
-        pred, values = _predictions(adata, key)
+    preds = {key: _predictions(adata, key) for key in w}  # every prediction checked before anything is computed
+    first = preds[next(iter(w))][0]
+    genes = [str(c) for c in first.columns]
+    total = np.zeros((adata.n_obs, len(genes)))
+    for key, (pred, values) in preds.items():
         columns = [str(c) for c in pred.columns]
-        if first is None:
-            first, genes = pred, columns
-        elif set(columns) != set(genes) or len(columns) != len(genes):
+        if set(columns) != set(genes) or len(columns) != len(genes):
             missing, extra = sorted(set(genes) - set(columns)), sorted(set(columns) - set(genes))
             raise ValueError(
                 f"`obsm[{key!r}]` predicts other genes than `obsm[{next(iter(w))!r}]` (missing: {missing[:5]}, "
                 f"extra: {extra[:5]}); blend predictions of the same genes, e.g. by predicting the same panel."
             )
-        else:
-            values = values[:, pd.Index(columns).get_indexer(genes)]
+        total += w[key] * values[:, pd.Index(columns).get_indexer(genes)]  # NaN anywhere: NaN
+    for key in w:
         _warn_off_scale(adata, key)
-        total = weight * values if total is None else total + weight * values  # NaN anywhere: NaN
     dtype = np.float32 if (first.dtypes == np.float32).all() else np.float64
     frame = pd.DataFrame(total.astype(dtype), index=first.index.copy(), columns=first.columns.copy())
     params = {"weights": w, "n_blended": int(np.isfinite(total).all(axis=1).sum())}
     target = copy_data(sdata, table_key) if copy else sdata
-    table = get_table(target, table_key)
-    table.obsm[key_added] = frame
-    log_write("obsm", key_added)
-    if list(table.var_names) == genes:
-        table.layers[key_added] = frame.to_numpy()
-        log_write("layers", key_added)
-    table.uns[key_added] = params
-    log_write("uns", key_added)
+    _write(get_table(target, table_key), key_added, frame, params)
     return target if copy else None

@@ -108,6 +108,21 @@ def _graph(adata: AnnData, connectivity_key: str | None, **graph: Any) -> sp.csr
     return _check_connectivity(adata.obsp[connectivity_key], adata.n_obs, f"obsp[{connectivity_key!r}]")
 
 
+def _write(table: AnnData, key: str, frame: pd.DataFrame, params: dict[str, Any]) -> None:
+    """Write post-processed predictions into ``table``.
+
+    ``obsm[key]``, ``layers[key]`` when the table's var names are the frame's genes, and ``uns[key] = params``
+    (without None values: h5ad cannot store them).
+    """
+    table.obsm[key] = frame
+    log_write("obsm", key)
+    if list(table.var_names) == [str(c) for c in frame.columns]:
+        table.layers[key] = frame.to_numpy()
+        log_write("layers", key)
+    table.uns[key] = params
+    log_write("uns", key)
+
+
 def _blend(
     values: np.ndarray, neighbours: tuple[np.ndarray, np.ndarray], self_weight: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -211,14 +226,7 @@ def smooth_predictions(
         "n_smoothed": int(use.sum()),
     }
     target = copy_data(sdata, table_key) if copy else sdata
-    table = get_table(target, table_key)
-    table.obsm[key_added] = frame
-    log_write("obsm", key_added)
-    if list(table.var_names) == [str(c) for c in pred.columns]:
-        table.layers[key_added] = frame.to_numpy()
-        log_write("layers", key_added)
-    table.uns[key_added] = {k: v for k, v in params.items() if v is not None}  # h5ad cannot store None
-    log_write("uns", key_added)
+    _write(get_table(target, table_key), key_added, frame, {k: v for k, v in params.items() if v is not None})
     return target if copy else None
 
 
