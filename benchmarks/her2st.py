@@ -7,6 +7,7 @@
                                 [--ensemble N [--shared-stage-one] [--rotate-validation]] [--antithetic]
                                 [--api [--draws N [N ...]] [--distil W]] [--no-validation]
                                 [--panel-with-validation] [--smooth] [--blend W [W ...]]
+                                [--select-blend T [T ...]]
                                 [--quick] [--threads 2] [--accelerator cpu|gpu]
                                 [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
@@ -43,7 +44,9 @@ stopping on the validation section, then from the same initial weights on all fo
 averaged with its spatial neighbours), with its defaults and with the weight and rings ``tl.select_smoothing`` chooses
 on the fold's validation section (not with ``--no-validation``); ``--blend 0.5`` scores every MoLF row also blended
 with the ridge probe, ``0.5`` × MoLF's prediction + ``0.5`` × the probe's (``tl.blend_predictions``; the probe is then
-fitted with an intercept, which changes none of its correlations, and before MoLF); each MoLF fit prints the training
+fitted with an intercept, which changes none of its correlations, and before MoLF), and ``--select-blend 0 0.01`` with
+the weight ``tl.select_blend`` chooses on the fold's validation section (the most structure, mean of GSC and SSC, among
+the weights whose validation PCC is at most ``T`` below the best); each MoLF fit prints the training
 time and epochs of its stages. Every method is scored on the test section with ``tl.evaluate``: PCC (per gene over
 the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot
 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA, ARI/NMI against the domains of the truth).
@@ -189,6 +192,11 @@ def select_panel(sdata, panel: str, gmt: Path, with_validation: bool = False) ->
 # methods
 
 
+def _blends(args: argparse.Namespace) -> bool:
+    """Whether MoLF's rows are blended with the ridge probe (``--blend`` or ``--select-blend``)."""
+    return bool(getattr(args, "blend", None) or getattr(args, "select_blend", None))
+
+
 def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[float, float]:
     """Fit ``method`` on the current split and predict every spot; returns (fit s, predict s)."""
     key = f"bench_{method}"
@@ -203,7 +211,7 @@ def fit_method(sdata, method: str, args: argparse.Namespace, extra) -> tuple[flo
             devices=1,
             seed=args.seed,
             # --blend: the probe on the log1p scale (its coefficients, and so its scores, stay the same)
-            **({"fit_intercept": True} if method == "ridge" and getattr(args, "blend", None) else {}),
+            **({"fit_intercept": True} if method == "ridge" and _blends(args) else {}),
             # --no-validation: no validation spots to stop on, so the MLP trains its full 100 epochs
             **({"early_stopping": False} if method == "mlp" and getattr(args, "no_validation", False) else {}),
         )
@@ -490,6 +498,10 @@ def _row_label(method: str, ensemble: int) -> str:
     base, sep, weight = method.rpartition("_ridge")
     if sep and base and _is_weight(weight):
         return f"{_row_label(base, ensemble)}, blended with the ridge probe (MoLF weight {weight})"
+    base, sep, tol = method.rpartition("_ridgesel")
+    if sep and base:
+        what = "the best PCC" if float(tol) == 0 else f"PCC tolerance {tol}"
+        return f"{_row_label(base, ensemble)}, blended with the ridge probe, weight chosen on validation ({what})"
     for suffix, what in (("_smsel", "as chosen on the validation section"), ("_sm", "with the defaults")):
         if method.endswith(suffix):
             return f"{_row_label(method[: -len(suffix)], ensemble)}, smoothed {what}"
@@ -548,6 +560,39 @@ def blended_rows(sdata, row: str, weights: list[float], times: dict) -> list[str
     return out
 
 
+def _tolerance(value: str) -> float:
+    """A ``--select-blend`` tolerance: the validation PCC the choice may give up, at least 0."""
+    try:
+        tol = float(value)
+    except ValueError:
+        tol = -1.0
+    if not 0.0 <= tol < 1.0:
+        raise argparse.ArgumentTypeError(f"the PCC tolerance must be a number from 0 to below 1, got {value!r}")
+    return tol
+
+
+def selected_blend_rows(sdata, row: str, tolerances: list[float], times: dict) -> list[str]:
+    """``--select-blend``: ``bench_{row}`` blended with the ridge probe's ``bench_ridge`` with the weight
+    ``tl.select_blend`` chooses on the fold's validation section with each PCC tolerance of ``tolerances`` (row
+    ``{row}_ridgesel{T}``); prediction times as in :func:`blended_rows`."""
+    table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata
+    out = []
+    for tol in tolerances:
+        t = time.perf_counter()
+        name = f"{row}_ridgesel{tol:g}"
+        hf.tl.select_blend(
+            sdata, pred_key=f"bench_{row}", other_key="bench_ridge", tolerance=tol, key_added=f"bench_{name}"
+        )
+        chosen = table.uns[f"bench_{name}_selection"]
+        hf.tl.blend_predictions(sdata, chosen["weights"], key_added=f"bench_{name}")
+        print(f"    {row}: blend chosen on the validation section (PCC tolerance {tol:g}): MoLF weight "
+              f"{chosen['weight']:g}", flush=True)  # fmt: skip
+        if row in times:
+            times[name] = times[row] + time.perf_counter() - t
+        out.append(name)
+    return out
+
+
 def _draws_label(extra_row: str, per: str = " per member") -> str:
     """``n4`` → ", 4 draws per member", ``anti4`` → ", 4 antithetic draws per member" (``--draws`` rows);
     ``distil_anti2`` → ", one student of the ensemble, 2 antithetic draws", ``distil_t0`` → "…, temperature 0"."""
@@ -595,9 +640,11 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
                 if args.smooth:  # every row again, averaged with its spatial neighbours
                     choose = not args.no_validation  # no validation section: the defaults only
                     rows += [row for base in list(rows) for row in smoothed_rows(sdata, base, row_s, choose)]
-                if args.blend and method in MOLF_VARIANTS:  # every MoLF row again, blended with the ridge probe
+                if (args.blend or args.select_blend) and method in MOLF_VARIANTS:  # every MoLF row again, blended
                     for base in list(rows):  # each blend's fit time: its row's (a student's own) + the probe's
-                        for row in blended_rows(sdata, base, args.blend, row_s):
+                        blends = blended_rows(sdata, base, args.blend or [], row_s)
+                        blends += selected_blend_rows(sdata, base, args.select_blend or [], row_s)
+                        for row in blends:
                             row_fit_s[row] = row_fit_s.get(base, fit_s) + fit_times["ridge"]
                             rows.append(row)
                 for row in rows:
@@ -835,6 +882,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         "intercept)",
     )
     p.add_argument(
+        "--select-blend",
+        type=_tolerance,
+        nargs="+",
+        metavar="T",
+        help="score every MoLF row also blended with the ridge probe with the weight tl.select_blend chooses on the "
+        "fold's validation section: the most structure (mean of GSC and SSC) among the weights whose PCC is at most T "
+        "below the best, for each T (0: the best PCC); needs ridge in --methods and the validation section",
+    )
+    p.add_argument(
         "--panel-with-validation",
         action="store_true",
         help="choose the panel on the validation section too (four sections instead of the fold's three training "
@@ -888,7 +944,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         p.error("argument --smooth: HER2ST mode only; drop it with --hest-bench")
     if args.blend and (args.hest_bench or "ridge" not in args.methods):
         p.error("argument --blend: HER2ST mode only, and needs ridge in --methods (the probe MoLF is blended with)")
-    if args.blend:  # the probe (and the MLP) first, so that every MoLF row can be blended with it
+    if args.select_blend and (args.hest_bench or "ridge" not in args.methods or args.no_validation):
+        p.error("argument --select-blend: HER2ST mode only, needs ridge in --methods (the probe MoLF is blended with) "
+                "and the validation section (drop --no-validation)")  # fmt: skip
+    if args.blend or args.select_blend:  # the probe (and the MLP) first, so that every MoLF row can be blended with it
         args.methods = sorted(args.methods, key=lambda m: m not in ("ridge", "mlp"))
     if args.molf_train.get("refit") and args.select_guidance:
         p.error("argument --set refit=true: add --no-guidance-selection (after the refit the validation section is a "

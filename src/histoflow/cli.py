@@ -519,24 +519,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_baseline(model: Any, data: SpatialData | AnnData, args: argparse.Namespace, kind: str) -> None:
-    from histoflow._utils import get_table
-    from histoflow.tl._baseline import _rows_to_predict
-    from histoflow.tl._write import write_predictions
-
-    table = get_table(data, args.table_key)
-    emb = model.registry.embedding_key
-    if emb not in table.obsm:
-        raise KeyError(
-            f"`obsm[{emb!r}]` is missing; the {type(model).__name__} predicts from patch features: run "
-            "`histoflow embed` with the encoder it was trained with first."
-        )
-    rows = _rows_to_predict(table, emb, "all", Key.split)
-    mean = model.predict(table, rows=rows)
-    uns = {"model": type(model).__name__, "kind": kind, "n_predicted": int(rows.size), "predict_on": ["all"]}
-    write_predictions(table, args.key_added or kind, rows=rows, genes=model.genes, mean=mean, uns=uns)
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
     import histoflow as hf
 
@@ -579,7 +561,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from histoflow.models import MLPBaseline, RidgeProbe
 
         cls = MLPBaseline if kind == "mlp" else RidgeProbe
-        _predict_baseline(cls.load(args.model_dir), data, args, kind)
+        hf.tl.predict(cls.load(args.model_dir), data, table_key=args.table_key, key_added=args.key_added or kind)
     if args.smooth is not None:  # then each spot averaged with its spatial neighbours, under <key>_smoothed
         key = args.key_added or d["key_added"] or kind
         hf.tl.smooth_predictions(
@@ -1076,7 +1058,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="predict expression with a saved model (histoflow.tl.predict)",
         description="Load the model in --model-dir and write predictions for every spot (expression is not "
-        "needed; missing MoLF patch features are embedded first when the input has the H&E image).",
+        "needed; missing patch features are embedded first with the model's encoder when the input has the H&E image).",
         formatter_class=fmt,
     )
     _add_io(p, output_help=_out_help("predict"))

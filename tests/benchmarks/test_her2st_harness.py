@@ -490,6 +490,45 @@ def test_smooth_rows_average_each_row_with_its_neighbours_default_and_chosen_on_
     assert "--smooth: HER2ST mode only" in capsys.readouterr().err
 
 
+def test_select_blend_rows_blend_each_molf_row_with_the_weight_chosen_on_validation(tmp_path, capsys):
+    import histoflow as hf
+
+    harness, table, args = _fit_setup(tmp_path, select_blend=[0.0, 0.5])
+    harness.fit_method(table, "ridge", args, None)
+    assert table.uns["bench_ridge"]["params"]["fit_intercept"] is True  # the probe on the log1p scale
+    harness.fit_method(table, "molf", args, None)
+    times = {"molf": 1.5}
+    assert harness.selected_blend_rows(table, "molf", args.select_blend, times) == [
+        "molf_ridgesel0",
+        "molf_ridgesel0.5",
+    ]
+    assert times["molf_ridgesel0.5"] > 1.5
+    for tol in ("0", "0.5"):
+        stored = table.uns[f"bench_molf_ridgesel{tol}_selection"]
+        sweep = hf.tl.select_blend(
+            table, pred_key="bench_molf", other_key="bench_ridge", tolerance=float(tol), key_added="check"
+        )
+        pd.testing.assert_frame_equal(stored["sweep"], sweep)  # chosen on the validation sample
+        w = stored["weight"]
+        ridge = table.obsm["bench_ridge"][table.obsm["bench_molf"].columns].to_numpy()
+        expected = w * table.obsm["bench_molf"].to_numpy() + (1 - w) * ridge
+        np.testing.assert_allclose(table.obsm[f"bench_molf_ridgesel{tol}"].to_numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert "blend chosen on the validation section (PCC tolerance 0.5): MoLF weight" in capsys.readouterr().out
+    assert harness._row_label("molf_t0_ridgesel0", 1) == (
+        "MoLF (MoE, window context), temperature 0, blended with the ridge probe, weight chosen on validation "
+        "(the best PCC)"
+    )
+    assert harness._row_label("molf_ridgesel0.01", 1).endswith("weight chosen on validation (PCC tolerance 0.01)")
+    for argv, match in (
+        (["--select-blend", "-0.1"], "from 0 to below 1"),
+        (["--select-blend", "0", "--methods", "molf"], "needs ridge in --methods"),
+        (["--select-blend", "0", "--no-validation", "--no-guidance-selection"], "drop --no-validation"),
+    ):
+        with pytest.raises(SystemExit):
+            harness.main(argv)
+        assert match in capsys.readouterr().err
+
+
 def test_mlp_trains_without_a_validation_section_under_no_validation(tmp_path):
     harness, table, args = _fit_setup(tmp_path, no_validation=True)
     table.obs["split"] = pd.Categorical(np.full(table.n_obs, "train"))  # what --no-validation leaves

@@ -144,3 +144,12 @@ def test_model_trained_on_scaled_rotation_averaged_features_embeds_a_new_slide_t
     new = fresh.tables["table"]
     np.testing.assert_allclose(new.obsm["X_efficientnet_lite0"], table.obsm["X_efficientnet_lite0"], atol=1e-4)
     np.testing.assert_allclose(new.obsm["again"].to_numpy(), table.obsm["molf"].to_numpy(), rtol=1e-4, atol=1e-4)
+    # a baseline on the same features embeds a new slide the same way
+    ridge = hf.tl.fit_baseline(sdata, "ridge", fit_intercept=True)
+    assert ridge.registry.encoder["scaled_groupby"] == "library_id"
+    other = hf.datasets.synthetic(n_slides=4, grid=(4, 4), n_genes=12, pixel_size_um=2.0, seed=0)
+    hf.tl.predict(ridge, other)
+    np.testing.assert_allclose(other.tables["table"].obsm["X_efficientnet_lite0"], new.obsm["X_efficientnet_lite0"])
+    np.testing.assert_allclose(
+        other.tables["table"].obsm["ridge"].to_numpy(), table.obsm["ridge"].to_numpy(), rtol=1e-3, atol=1e-3
+    )

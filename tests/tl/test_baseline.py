@@ -164,3 +164,81 @@ def test_fit_baseline_bad_inputs_leave_the_table_as_it_was(sdata):
     with pytest.raises(ValueError, match="no spot as 'val'"):
         hf.tl.fit_baseline(sdata, "mlp", embedding_key="X_test", split_key="noval", max_epochs=1, **FAST)
     _assert_untouched(before, t, new=set())
+
+
+def _image_only(t: ad.AnnData) -> ad.AnnData:
+    """A new 'slide': the table's features and coordinates, no expression and none of its genes."""
+    new = ad.AnnData(np.zeros((t.n_obs, 1), dtype=np.float32), obs=t.obs[["library_id"]].copy())
+    new.var_names = ["unrelated"]
+    new.obsm["X_test"] = np.asarray(t.obsm["X_test"]).copy()
+    return new
+
+
+def test_predict_with_a_ridge_probe_writes_what_fit_baseline_writes_on_a_slide_without_expression(sdata):
+    t = sdata["table"]
+    model = hf.tl.fit_baseline(sdata, "ridge", embedding_key="X_test", fit_intercept=True)
+    new = _image_only(t)
+    F = new.obsm["X_test"]
+    F[:3] = np.nan  # spots without features are left NaN
+    before = _snapshot(new)
+    assert hf.tl.predict(model, new) is None
+    _assert_untouched(before, new, new={"ridge"})
+    assert set(new.obsm) - set(before["obsm"]) == {"ridge"} and not new.layers  # the table's genes are not the panel
+    pred = new.obsm["ridge"]
+    assert list(pred.columns) == list(t.var_names) and pred.index.equals(new.obs_names)
+    assert np.isnan(pred.to_numpy()[:3]).all()
+    np.testing.assert_array_equal(pred.to_numpy()[3:], t.obsm["ridge"].to_numpy()[3:])
+    uns = new.uns["ridge"]
+    assert uns["model"] == "RidgeProbe" and uns["kind"] == "ridge" and uns["predict_on"] == ["all"]
+    assert uns["n_predicted"] == t.n_obs - 3 and uns["params"]["fit_intercept"] is True
+    assert uns["params"]["genes"] == list(t.var_names)
+
+
+def test_predict_with_a_loaded_mlp_matches_its_fit_and_copy_leaves_the_input_alone(sdata, tmp_path):
+    t = sdata["table"]
+    model = hf.tl.fit_baseline(sdata, "mlp", embedding_key="X_test", max_epochs=2, **FAST)
+    model.save(tmp_path / "mlp")
+    loaded = hf.models.MLPBaseline.load(tmp_path / "mlp")
+    new = _image_only(t)
+    before = _snapshot(new)
+    out = hf.tl.predict(loaded, new, key_added="again", copy=True)
+    _assert_untouched(before, new, new=set())
+    np.testing.assert_allclose(out.obsm["again"].to_numpy(), t.obsm["mlp"].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert out.uns["again"]["model"] == "MLPBaseline" and out.uns["again"]["params"]["hidden_dims"] == [32]
+    hf.tl.predict(loaded, t, key_added="mlp_again")  # the training table: its genes are the panel → layers too
+    np.testing.assert_array_equal(t.layers["mlp_again"], t.obsm["mlp_again"].to_numpy())
+
+
+def test_predict_with_a_baseline_refuses_sampling_arguments_and_other_objects(sdata):
+    t = sdata["table"]
+    model = hf.tl.fit_baseline(sdata, "ridge", embedding_key="X_test")
+    new = _image_only(t)
+    before = _snapshot(new)
+    for kwargs, name in [
+        ({"n_samples": 4}, "n_samples=4"),
+        ({"steps": 10}, "steps=10"),
+        ({"guidance": 1.0}, "guidance=1.0"),
+        ({"temperature": 0.0}, "temperature=0.0"),
+        ({"antithetic": True}, "antithetic=True"),
+    ]:
+        with pytest.raises(ValueError, match=rf"`{name}` applies to the flow models.*RidgeProbe predicts one"):
+            hf.tl.predict(model, new, **kwargs)
+    with pytest.raises(TypeError, match="`model` lists baselines.*blend_predictions"):
+        hf.tl.predict([model, model], new)
+    with pytest.raises(TypeError, match=r"`model\[1\]` must be a trained MoLF.*got str"):
+        hf.tl.predict([model, "ridge"], new)
+    with pytest.raises(TypeError, match="`model` must be a trained MoLF, FLAG, RidgeProbe or MLPBaseline.*got dict"):
+        hf.tl.predict({"model": model}, new)
+    untrained = hf.models.RidgeProbe(t, embedding_key="X_test")
+    with pytest.raises(RuntimeError, match="RidgeProbe is not trained.*fit_baseline"):
+        hf.tl.predict(untrained, new)
+    del new.obsm["X_test"]
+    before = _snapshot(new)
+    with pytest.raises(KeyError, match=r"obsm\['X_test'\]` is missing.*embed_patches"):
+        hf.tl.predict(model, new)  # features of no known encoder: nothing to embed with
+    _assert_untouched(before, new, new=set())
+    wrong = _image_only(t)
+    wrong.obsm["X_test"] = wrong.obsm["X_test"][:, :5]
+    with pytest.raises(ValueError, match="X_test"):
+        hf.tl.predict(model, wrong)
+    assert "ridge" not in wrong.obsm

@@ -200,5 +200,5 @@ def test_predict_refuses_members_that_do_not_belong_together(ensemble):
     other = MoLF(a, embedding_key="X_feat", genes=list(a.var_names[:6]), **MOLF_SMALL)
     with pytest.raises(ValueError, match=r"`model\[1\]` predicts other genes"):
         hf.tl.predict([models[0], other], a)
-    with pytest.raises(TypeError, match=r"`model\[1\]` is a str"):
+    with pytest.raises(TypeError, match=r"`model\[1\]` must be a trained MoLF, FLAG.*got str"):
         hf.tl.predict([models[0], "model"], a)

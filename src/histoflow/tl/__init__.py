@@ -9,7 +9,7 @@ from histoflow.tl import metrics
 from histoflow.tl._baseline import fit_baseline
 
 # post-processing: blending predictions
-from histoflow.tl._blend import blend_predictions
+from histoflow.tl._blend import blend_predictions, select_blend
 
 # MoLF seed ensembles
 from histoflow.tl._ensemble import fit_molf_ensemble
@@ -28,6 +28,7 @@ from histoflow.tl._smooth import select_smoothing, smooth_predictions
 
 __all__ = [
     "blend_predictions",
+    "select_blend",
     "evaluate",
     "metrics",
     "fit_baseline",

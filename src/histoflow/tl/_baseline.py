@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from histoflow.models._baselines import MLPBaseline, RidgeProbe
 
-__all__ = ["fit_baseline"]
+__all__ = ["fit_baseline", "baseline_kind", "baseline_uns"]
 
 KINDS = ("mlp", "ridge")
 
@@ -177,18 +177,24 @@ def fit_baseline(
     model.train(split_key=split_key, **train_kw)
     mean = model.predict(table, rows=rows)
 
-    params = {
-        **model.params,
+    write_predictions(table, key, rows=rows, genes=model.genes, mean=mean, uns=baseline_uns(model, predict_on, rows))
+    return (model, target) if copy else model
+
+
+def baseline_kind(model: MLPBaseline | RidgeProbe) -> str:
+    """``"mlp"`` or ``"ridge"``: the ``kind`` of :func:`fit_baseline` that builds ``model``."""
+    return "ridge" if type(model).__name__ == "RidgeProbe" else "mlp"
+
+
+def baseline_uns(model: MLPBaseline | RidgeProbe, predict_on: str | Sequence[str], rows: np.ndarray) -> dict[str, Any]:
+    """``uns[key]`` of a baseline's predictions (:func:`fit_baseline`, :func:`histoflow.tl.predict`)."""
+    kind = baseline_kind(model)
+    on = [predict_on] if isinstance(predict_on, str) else list(predict_on)
+    return {
+        "model": type(model).__name__,
         "kind": kind,
-        "predict_on": [predict_on] if isinstance(predict_on, str) else list(predict_on),
-    }
-    uns = {
-        "model": cls.__name__,
-        "kind": kind,
-        "params": _uns_safe(params),
+        "params": _uns_safe({**model.params, "kind": kind, "predict_on": on}),
         "history": model.history.reset_index(),
-        "predict_on": params["predict_on"],
+        "predict_on": on,
         "n_predicted": int(rows.size),
     }
-    write_predictions(table, key, rows=rows, genes=model.genes, mean=mean, uns=uns)
-    return (model, target) if copy else model

@@ -14,13 +14,14 @@ from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import accelerator_device, copy_data, get_table, log_write, torch_device
 from histoflow._validate import check_bool, check_temperature
+from histoflow.tl._baseline import _rows_to_predict, baseline_kind, baseline_uns
 from histoflow.tl._write import write_predictions
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from histoflow.models import FLAG, MoLF
+    from histoflow.models import FLAG, MLPBaseline, MoLF, RidgeProbe
 
 __all__ = ["fit_molf", "predict", "select_guidance", "trajectories"]
 
@@ -234,7 +235,7 @@ def _train_predict_write(
 
 @doc_params()
 def predict(
-    model: MoLF | FLAG | Sequence[MoLF | FLAG],
+    model: MoLF | FLAG | MLPBaseline | RidgeProbe | Sequence[MoLF | FLAG],
     sdata: SpatialData | AnnData,
     *,
     table_key: str = Key.table,
@@ -264,6 +265,10 @@ def predict(
         mean over the members (each with ``n_samples`` draws and seed ``seed + i``), the standard deviation that of
         all their draws together, and no latent or routing is written. The members' shared inputs (the features'
         check, the neighbour windows when their window settings agree) are built once.
+        A trained baseline (:class:`~histoflow.models.RidgeProbe`, :class:`~histoflow.models.MLPBaseline`, from
+        :func:`fit_baseline` or the class's ``load``) predicts every spot with finite features, one deterministic
+        value each, and writes what :func:`fit_baseline` writes (``predict_on`` ``["all"]``); the sampling arguments
+        below must then keep their defaults.
     {doc_sdata}
     steps
         Euler steps (1 = one velocity evaluation; with guidance that is two forward passes).
@@ -293,58 +298,47 @@ def predict(
         Embed missing patch features with the model's encoder (on ``device``).
     {doc_device}
     key_added
-        Key of the predictions; default the model's class name in lower case (``"molf"``, ``"flag"``), the default
-        key of its ``fit_*`` function.
+        Key of the predictions; default the default key of the model's ``fit_*`` function (``"molf"``, ``"flag"``,
+        and for baselines their ``kind``, ``"ridge"`` or ``"mlp"``).
     {doc_copy}
 
     Returns
     -------
-    Writes the same keys as :func:`fit_molf` (``uns[key_added]`` holds the prediction parameters), or for a list of
-    models those of :func:`fit_molf_ensemble` but the split columns; returns the copy when ``copy=True``.
+    Writes the same keys as :func:`fit_molf` (``uns[key_added]`` holds the prediction parameters), for a list of
+    models those of :func:`fit_molf_ensemble` but the split columns, for a baseline those of :func:`fit_baseline`;
+    returns the copy when ``copy=True``.
     """
     members = None
-    if isinstance(model, Sequence):
+    if isinstance(model, Sequence) and not isinstance(model, str):
         from histoflow.tl._ensemble import check_members
 
+        baselines = [_check_model(m, f"model[{i}]") for i, m in enumerate(model)]  # every member checked
+        if any(baselines):
+            raise TypeError(
+                "`model` lists baselines; an ensemble averages MoLF or FLAG models. Predict one baseline at a time "
+                "(and average predictions with `histoflow.tl.blend_predictions`)."
+            )
         members = check_members(model)
         model = members[0]
-    key_added = type(model).__name__.lower() if key_added is None else key_added
+    baseline = _check_model(model)
+    key_added = (baseline_kind(model) if baseline else type(model).__name__.lower()) if key_added is None else key_added
     temperature = check_temperature(temperature)
     antithetic = check_bool(antithetic, "antithetic")
+    if baseline:
+        _check_deterministic(model, steps=steps, guidance=guidance, n_samples=n_samples, temperature=temperature,
+                             antithetic=antithetic)  # fmt: skip
     torch_device(device)  # a bad device fails before anything is embedded or written
     target = copy_data(sdata, table_key) if copy else sdata
     table = get_table(target, table_key)
     reg = model.registry
-    if reg.embedding_key not in table.obsm:
-        if not embed or not reg.encoder.get("encoder"):
-            raise KeyError(
-                f"`adata.obsm[{reg.embedding_key!r}]` is missing; run `histoflow.pp.embed_patches` with the model's "
-                f"encoder ({reg.encoder.get('encoder', 'unknown')}) first."
-            )
-        from histoflow.pp import embed_patches
-
-        logger.info("Embedding patches with %r first.", reg.encoder["encoder"])
-        probe = copy_data(target, table_key)
-        embed_patches(
-            probe,
-            reg.encoder["encoder"],
-            table_key=table_key,
-            patch_size_um=float(reg.encoder["patch_size_um"]),
-            patch_px=int(reg.encoder["patch_px"]),
-            dihedral=bool(reg.encoder.get("dihedral", False)),
-            context_size_um=list(reg.encoder.get("context_size_um", [])) or None,
-            device=device,
-            key_added=reg.embedding_key,
-        )
-        scaled = reg.encoder.get("scaled_groupby")
-        if scaled:  # the model was trained on features standardised per slide (pp.scale_features)
-            from histoflow.pp import scale_features
-
-            groupby = None if scaled == "None" else str(scaled)
-            scale_features(probe, reg.embedding_key, groupby=groupby, table_key=table_key, key_added=reg.embedding_key)
-        feats_table = get_table(probe, table_key)
-    else:
-        feats_table = table
+    feats_table = _model_features(target, table, table_key, reg, embed=embed, device=device)
+    if baseline:
+        rows = _rows_to_predict(feats_table, reg.embedding_key, "all", Key.split)
+        mean = model.predict(feats_table, rows=rows)
+        write_predictions(table, key_added, rows=rows, genes=model.genes, mean=mean,
+                          uns=baseline_uns(model, "all", rows))  # fmt: skip
+        _keep_features(table, feats_table, reg.embedding_key)
+        return target if copy else None
     for key in reg.categories:
         if key not in feats_table.obs:
             if not allow_unknown:
@@ -377,10 +371,84 @@ def predict(
         res = model.predict(feats_table, **sampling)
         params["guidance"] = model.config.guidance if guidance is None else float(guidance)
         _write(table, model, key_added, np.arange(table.n_obs), res, params)
-    if feats_table is not table and reg.embedding_key in feats_table.obsm and reg.embedding_key not in table.obsm:
-        table.obsm[reg.embedding_key] = feats_table.obsm[reg.embedding_key]
-        log_write("obsm", reg.embedding_key)
+    _keep_features(table, feats_table, reg.embedding_key)
     return target if copy else None
+
+
+def _check_model(model: Any, arg: str = "model") -> bool:
+    """Whether ``model`` is a baseline (a RidgeProbe or MLPBaseline).
+
+    Anything but a model of histoflow, or an untrained baseline, raises.
+    """
+    from histoflow.models import FLAG, MLPBaseline, MoLF, RidgeProbe
+
+    if not isinstance(model, (MoLF, FLAG, MLPBaseline, RidgeProbe)):
+        raise TypeError(
+            f"`{arg}` must be a trained MoLF, FLAG, RidgeProbe or MLPBaseline (from `histoflow.tl.fit_molf`, "
+            f"`fit_flag`, `fit_baseline` or the class's `load`), or a list of MoLF or FLAG models; got "
+            f"{type(model).__name__}."
+        )
+    baseline = isinstance(model, (MLPBaseline, RidgeProbe))
+    if baseline and not model.is_trained:
+        raise RuntimeError(f"The {type(model).__name__} is not trained; fit it with `histoflow.tl.fit_baseline`.")
+    return baseline
+
+
+def _check_deterministic(model: Any, **sampling: Any) -> None:
+    """A baseline predicts one value per spot: the sampling arguments of the flow models must keep their defaults."""
+    defaults = {"steps": 1, "guidance": None, "n_samples": 1, "temperature": 1.0, "antithetic": False}
+    for name, value in sampling.items():
+        if value != defaults[name]:
+            raise ValueError(
+                f"`{name}={value!r}` applies to the flow models (MoLF, FLAG); a {type(model).__name__} predicts one "
+                f"deterministic value per spot. Leave `{name}` at its default ({defaults[name]!r})."
+            )
+
+
+def _model_features(
+    target: SpatialData | AnnData, table: AnnData, table_key: str, reg: Any, *, embed: bool, device: str
+) -> AnnData:
+    """The table holding the model's patch features: ``table`` itself, or a copy with the patches embedded.
+
+    The copy's patches are embedded by the model's encoder (and standardised per slide as the training features
+    were); ``table`` is not modified.
+    """
+    if reg.embedding_key in table.obsm:
+        return table
+    if not embed or not reg.encoder.get("encoder"):
+        raise KeyError(
+            f"`adata.obsm[{reg.embedding_key!r}]` is missing; run `histoflow.pp.embed_patches` with the model's "
+            f"encoder ({reg.encoder.get('encoder', 'unknown')}) first."
+        )
+    from histoflow.pp import embed_patches
+
+    logger.info("Embedding patches with %r first.", reg.encoder["encoder"])
+    probe = copy_data(target, table_key)
+    embed_patches(
+        probe,
+        reg.encoder["encoder"],
+        table_key=table_key,
+        patch_size_um=float(reg.encoder["patch_size_um"]),
+        patch_px=int(reg.encoder["patch_px"]),
+        dihedral=bool(reg.encoder.get("dihedral", False)),
+        context_size_um=list(reg.encoder.get("context_size_um", [])) or None,
+        device=device,
+        key_added=reg.embedding_key,
+    )
+    scaled = reg.encoder.get("scaled_groupby")
+    if scaled:  # the model was trained on features standardised per slide (pp.scale_features)
+        from histoflow.pp import scale_features
+
+        groupby = None if scaled == "None" else str(scaled)
+        scale_features(probe, reg.embedding_key, groupby=groupby, table_key=table_key, key_added=reg.embedding_key)
+    return get_table(probe, table_key)
+
+
+def _keep_features(table: AnnData, feats_table: AnnData, embedding_key: str) -> None:
+    """Store the features embedded for the prediction in the user's table (after the predictions are written)."""
+    if feats_table is not table and embedding_key in feats_table.obsm and embedding_key not in table.obsm:
+        table.obsm[embedding_key] = feats_table.obsm[embedding_key]
+        log_write("obsm", embedding_key)
 
 
 def _filter_and_rank(sweep: pd.DataFrame, tau: float) -> float:

@@ -194,7 +194,7 @@ def smooth_predictions(
         ``technology_key`` are not used). With ``n_rings=1`` edge weights weight the neighbours' mean. The graph
         should not join slides.
     key_added
-        Key of the smoothed predictions; default ``f"{{pred_key}}_smoothed"``.
+        Key of the smoothed predictions; default ``f"{pred_key}_smoothed"``.
     {doc_copy}
 
     Returns
@@ -293,7 +293,7 @@ def select_smoothing(
     Returns
     -------
     The sweep (columns ``self_weight``, ``n_rings``, ``pcc``, ``chosen``; a weight of 1 appears once), also stored
-    in ``uns[f"{{pred_key}}_smoothing"]`` with the chosen pair and the split.
+    in ``uns[f"{pred_key}_smoothing"]`` with the chosen pair and the split.
     """
     weights = [_check_weight(w) for w in self_weights]
     rings = sorted({_check_rings(r) for r in n_rings})
