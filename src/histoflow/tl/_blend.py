@@ -66,12 +66,13 @@ def _warn_off_scale(adata: AnnData, key: str) -> None:
         )
 
 
-def _aligned(adata: AnnData, keys: list[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """The predictions ``obsm[k]`` of ``keys`` (all checked first), as float64 arrays in the first's gene order.
+def _aligned(adata: AnnData, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The predictions ``obsm[k]`` of the keys ``k`` of ``keys``, as float64 arrays in the first's gene order.
 
-    The first is returned as a DataFrame too.
+    All are checked first, errors naming the argument ``keys[k]``; the first is returned as a DataFrame too.
     """
-    preds = {key: _predictions(adata, key) for key in keys}  # every prediction checked before anything is computed
+    preds = {key: _predictions(adata, key, arg) for key, arg in keys.items()}  # every one checked before computing
+    keys = list(keys)
     first = preds[keys[0]][0]
     genes = [str(c) for c in first.columns]
     out = {}
@@ -132,7 +133,7 @@ def blend_predictions(
     if not isinstance(key_added, str) or not key_added:
         raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
     adata = get_table(sdata, table_key)
-    first, aligned = _aligned(adata, list(w))
+    first, aligned = _aligned(adata, dict.fromkeys(w, "pred_key"))
     total = sum(w[key] * values for key, values in aligned.items())  # NaN anywhere: NaN
     for key in w:
         _warn_off_scale(adata, key)
@@ -238,7 +239,7 @@ def select_blend(
     if pred_key == other_key:
         raise ValueError(f"`pred_key` and `other_key` are both {pred_key!r}; blend two different predictions.")
     adata = get_table(sdata, table_key)
-    first, aligned = _aligned(adata, [pred_key, other_key])
+    first, aligned = _aligned(adata, {pred_key: "pred_key", other_key: "other_key"})
     A, B = aligned[pred_key], aligned[other_key]
     X = _truth(adata, true_layer, [str(c) for c in first.columns])  # the same checks as tl.evaluate
     check_obs_key(adata, split_key, "split_key", hint="Mark the splits with `histoflow.pp.split_slides`.")

@@ -76,11 +76,14 @@ def _check_rings(n_rings: Any) -> int:
     return int(n_rings)
 
 
-def _predictions(adata: AnnData, pred_key: Any) -> tuple[pd.DataFrame, np.ndarray]:
-    """``obsm[pred_key]`` checked (a DataFrame of numbers, no infinities) and its values as float64."""
+def _predictions(adata: AnnData, pred_key: Any, arg: str = "pred_key") -> tuple[pd.DataFrame, np.ndarray]:
+    """``obsm[pred_key]`` checked (a DataFrame of numbers, no infinities) and its values as float64.
+
+    Errors name the argument ``arg``.
+    """
     if not isinstance(pred_key, str):
-        raise TypeError(f"`pred_key` must be an `obsm` key (a string), got {pred_key!r}.")
-    check_obsm_key(adata, pred_key, "pred_key", hint="Predict first (e.g. `histoflow.tl.predict`).")
+        raise TypeError(f"`{arg}` must be an `obsm` key (a string), got {pred_key!r}.")
+    check_obsm_key(adata, pred_key, arg, hint="Predict first (e.g. `histoflow.tl.predict`).")
     pred = adata.obsm[pred_key]
     if not isinstance(pred, pd.DataFrame):
         raise TypeError(
