@@ -11,8 +11,8 @@ Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - the same through ``tl.predict`` (the predictions written to the table), then smoothed with
   ``tl.smooth_predictions`` (each spot averaged with its spatial neighbours) on a graph built before the timed call
   (``obsp["spatial_connectivities"]``, as squidpy leaves it), and with the graph built in the timed call, and
-  smoothed on the given graph then blended half and half with the ridge probe (its prediction, written to the table,
-  and ``tl.blend_predictions`` timed too),
+  smoothed on the given graph then blended half and half with the ridge probe (its prediction through ``tl.predict``,
+  written to the table, and ``tl.blend_predictions`` timed too),
 - MoLF, steps = 10 with guidance,
 - MoLF, steps = 1 with guidance, mean of 16 draws (``n_samples=16``: the condition is encoded once, each draw is a
   velocity evaluation and a decoder pass),
@@ -87,7 +87,6 @@ def _ridge(a):
 
 
 def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dict, dim: int, q: mp.Queue) -> None:
-    import pandas as pd
     import torch
 
     torch.set_num_threads(threads)
@@ -148,8 +147,8 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
                 if kind != "molf_t0_tl":
                     graph = None if kind == "molf_t0_smooth_graph" else "spatial_connectivities"
                     hf.tl.smooth_predictions(a, pred_key="molf", connectivity_key=graph)
-                if ridge is not None:  # the probe's predictions into the table, then the blend
-                    a.obsm["ridge"] = pd.DataFrame(ridge.predict(a), index=a.obs_names, columns=ridge.genes)
+                if ridge is not None:  # the probe's predictions into the table (tl.predict), then the blend
+                    hf.tl.predict(ridge, a, key_added="ridge")
                     hf.tl.blend_predictions(a, {"molf_smoothed": 0.5, "ridge": 0.5})
             else:
                 m.predict(a, **sampling, device=device)

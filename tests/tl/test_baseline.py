@@ -242,3 +242,14 @@ def test_predict_with_a_baseline_refuses_sampling_arguments_and_other_objects(sd
     with pytest.raises(ValueError, match="X_test"):
         hf.tl.predict(model, wrong)
     assert "ridge" not in wrong.obsm
+
+
+def test_rows_to_predict_keeps_every_finite_row_even_when_their_sum_overflows():
+    from histoflow.tl._baseline import _rows_to_predict
+
+    t = ad.AnnData(np.zeros((4, 1), dtype=np.float32))
+    t.obsm["X"] = np.full((4, 3), 3e38, dtype=np.float32)  # finite, but their float32 sum is inf
+    np.testing.assert_array_equal(_rows_to_predict(t, "X", "all", "split"), [0, 1, 2, 3])
+    t.obsm["X"][1, 2] = np.inf
+    t.obsm["X"][3, 0] = np.nan
+    np.testing.assert_array_equal(_rows_to_predict(t, "X", "all", "split"), [0, 2])

@@ -44,7 +44,12 @@ def _uns_safe(d: dict[str, Any]) -> dict[str, Any]:
 def _rows_to_predict(table: AnnData, embedding_key: str, predict_on: str | Sequence[str], split_key: str) -> np.ndarray:
     F = table.obsm[embedding_key]
     F = F.to_numpy() if isinstance(F, pd.DataFrame) else np.asarray(F)
-    has_features = np.isfinite(F).all(axis=1) if F.ndim == 2 else np.ones(table.n_obs, dtype=bool)
+    has_features = np.ones(table.n_obs, dtype=bool)
+    if F.ndim == 2 and F.dtype.kind in "fc":
+        with np.errstate(over="ignore", invalid="ignore"):
+            every = np.isfinite(F.sum())  # NaN and inf make the sum non-finite: one read clears every row
+        if not every:  # a missing feature somewhere (or an overflowing sum): row by row
+            has_features = np.isfinite(F).all(axis=1)
     if isinstance(predict_on, str) and predict_on == "all":
         selected = np.ones(table.n_obs, dtype=bool)
     else:
