@@ -13,10 +13,8 @@ from histoflow._constants import Key
 from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import copy_data, get_table, log_write
-from histoflow._validate import check_obs_key
-from histoflow.tl._evaluate import _dense_rows, _truth
 from histoflow.tl._metrics import gsc, pcc, spatial_connectivity, ssc
-from histoflow.tl._smooth import _predictions, _write
+from histoflow.tl._smooth import _predictions, _write, scored_spots
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -241,20 +239,9 @@ def select_blend(
     adata = get_table(sdata, table_key)
     first, aligned = _aligned(adata, {pred_key: "pred_key", other_key: "other_key"})
     A, B = aligned[pred_key], aligned[other_key]
-    X = _truth(adata, true_layer, [str(c) for c in first.columns])  # the same checks as tl.evaluate
-    check_obs_key(adata, split_key, "split_key", hint="Mark the splits with `histoflow.pp.split_slides`.")
-    on_split = adata.obs[split_key].astype(str).to_numpy() == split
-    rows = np.flatnonzero(on_split & np.isfinite(A).all(axis=1) & np.isfinite(B).all(axis=1))
-    if rows.size < 3:
-        raise ValueError(
-            f"{rows.size} spot(s) with both predictions have `obs[{split_key!r}] == {split!r}`; at least 3 are "
-            "needed. Predict those spots with both models, or choose another `split=`."
-        )
-    truth = _dense_rows(X, rows)
-    groups = None
-    if library_key is not None:
-        check_obs_key(adata, library_key, "library_key", hint="Pass `library_key=None` for a single slide.")
-        groups = adata.obs[library_key].astype(str).to_numpy()[rows]
+    both = np.isfinite(A).all(axis=1) & np.isfinite(B).all(axis=1)
+    genes = [str(c) for c in first.columns]
+    rows, truth, groups = scored_spots(adata, genes, both, split, split_key, true_layer, library_key, min_spots=3)
     view = adata[rows]
     W = spatial_connectivity(
         view, library_key=library_key, spatial_key=spatial_key, coord_type=coord_type, n_neighs=n_neighs,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["smooth_predictions", "select_smoothing", "neighbour_mean", "within_rings"]
+__all__ = ["smooth_predictions", "select_smoothing", "neighbour_mean", "within_rings", "scored_spots"]
 
 
 def _check_weight(self_weight: Any) -> float:
@@ -97,6 +97,37 @@ def _predictions(adata: AnnData, pred_key: Any, arg: str = "pred_key") -> tuple[
     if np.isinf(values).any():
         raise ValueError(f"`obsm[{pred_key!r}]` holds infinite values; predictions must be finite (or NaN: none).")
     return pred, values
+
+
+def scored_spots(
+    adata: AnnData,
+    genes: list[str],
+    predicted: np.ndarray,
+    split: str,
+    split_key: str,
+    true_layer: str | None,
+    library_key: str | None,
+    min_spots: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The spots a selection scores, their measured expression and their slides.
+
+    The spots: ``obs[split_key] == split`` among the ``predicted`` ones (fewer than ``min_spots`` raise); their
+    expression of ``genes`` dense, checked as :func:`~histoflow.tl.evaluate` checks it; their slides ``None``
+    without ``library_key``.
+    """
+    X = _truth(adata, true_layer, genes)  # the same checks as tl.evaluate
+    check_obs_key(adata, split_key, "split_key", hint="Mark the splits with `histoflow.pp.split_slides`.")
+    rows = np.flatnonzero((adata.obs[split_key].astype(str).to_numpy() == split) & predicted)
+    if rows.size < min_spots:
+        raise ValueError(
+            f"{rows.size} spot(s) with predictions have `obs[{split_key!r}] == {split!r}`; at least {min_spots} "
+            "needed. Predict those spots, or choose another `split=`."
+        )
+    groups = None
+    if library_key is not None:
+        check_obs_key(adata, library_key, "library_key", hint="Pass `library_key=None` for a single slide.")
+        groups = adata.obs[library_key].astype(str).to_numpy()[rows]
+    return rows, _dense_rows(X, rows), groups
 
 
 def _graph(adata: AnnData, connectivity_key: str | None, **graph: Any) -> sp.csr_matrix:
@@ -304,17 +335,8 @@ def select_smoothing(
         raise ValueError("`self_weights` and `n_rings` need at least one value each.")
     adata = get_table(sdata, table_key)
     pred, values = _predictions(adata, pred_key)
-    X = _truth(adata, true_layer, [str(c) for c in pred.columns])  # the same checks as tl.evaluate
-    if split_key not in adata.obs:
-        raise KeyError(f"`split_key={split_key!r}` is not a column of `adata.obs`; run `histoflow.pp.split_slides`.")
-    rows = np.flatnonzero((adata.obs[split_key].astype(str).to_numpy() == split) & np.isfinite(values).all(axis=1))
-    if rows.size == 0:
-        raise ValueError(f"No spot with a prediction has `obs[{split_key!r}] == {split!r}`; choose another `split=`.")
-    truth = _dense_rows(X, rows)
-    groups = None
-    if library_key is not None:
-        check_obs_key(adata, library_key, "library_key", hint="Pass `library_key=None` for a single slide.")
-        groups = adata.obs[library_key].astype(str).to_numpy()[rows]
+    genes, predicted = [str(c) for c in pred.columns], np.isfinite(values).all(axis=1)
+    rows, truth, groups = scored_spots(adata, genes, predicted, split, split_key, true_layer, library_key)
     graph = {"library_key": library_key, "spatial_key": spatial_key, "coord_type": coord_type, "n_neighs": n_neighs}
     G = _graph(adata, connectivity_key, technology_key=technology_key, **graph)
     records = []
