@@ -25,6 +25,13 @@ sdata
     "doc_table_key": """\
 table_key
         Name of the table in ``sdata.tables``; ignored for AnnData input.""",
+    "doc_scored_split": """\
+split
+        Which ``obs[split_key]`` spots to score (validation slides by default).
+    split_key
+        ``obs`` column with the split.
+    true_layer
+        Layer of the measured expression, in the predictions' space (``None``: ``X``).""",
     "doc_copy": """\
 copy
         Return a modified copy instead of writing into ``sdata``.""",

@@ -202,12 +202,7 @@ def select_blend(
         Weights of ``pred_key`` to try, each between 0 and 1.
     tolerance
         How much validation PCC (an absolute difference, ≥ 0) the choice may give up for structure.
-    split
-        Which ``obs[split_key]`` spots to score (validation slides by default).
-    split_key
-        ``obs`` column with the split.
-    true_layer
-        Layer of the measured expression, in the predictions' space (``None``: ``X``).
+    {doc_scored_split}
     {doc_table_key}
     library_key
         ``obs`` column with the slide of each spot (metrics per slide, no spatial edge between slides); ``None``: one

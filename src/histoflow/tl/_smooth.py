@@ -314,12 +314,7 @@ def select_smoothing(
         Weights of the spot's own prediction to try, each between 0 and 1.
     n_rings
         Neighbourhood sizes to try (see :func:`~histoflow.tl.smooth_predictions`).
-    split
-        Which ``obs[split_key]`` spots to score (validation slides by default).
-    split_key
-        ``obs`` column with the split.
-    true_layer
-        Layer of the measured expression, in the predictions' space (``None``: ``X``).
+    {doc_scored_split}
     {doc_table_key}
     library_key, spatial_key, coord_type, n_neighs, technology_key, connectivity_key
         The spatial graph, as in :func:`~histoflow.tl.smooth_predictions`.
