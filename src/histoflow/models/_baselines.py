@@ -226,9 +226,18 @@ class _BaselineModel:
         if not self.is_trained:
             raise RuntimeError(f"The {type(self).__name__} is not trained; call `.train()` first.")
         table = self._table(adata, table_key)
+        return self._predict_rows(table, _as_rows(rows, table.n_obs), batch_size=batch_size)
+
+    def _predict_rows(
+        self, table: AnnData, rows: np.ndarray, *, batch_size: int = 4096, finite: bool = False
+    ) -> np.ndarray:
+        """:meth:`predict` of a table's ``rows`` (positions).
+
+        ``finite``: the caller has found their features free of NaN and inf (:func:`histoflow.tl.predict`), so they
+        are not read once more for that.
+        """
         check_compatible(self.registry, table)
-        r = _as_rows(rows, table.n_obs)
-        X = features(table, self.registry.embedding_key, r, dim=self.registry.embedding_dim)
+        X = features(table, self.registry.embedding_key, rows, dim=self.registry.embedding_dim, finite=finite)
         return np.asarray(self._predict_features(X, batch_size=batch_size), dtype=np.float32)
 
     def _predict_features(self, X: np.ndarray, *, batch_size: int) -> np.ndarray:

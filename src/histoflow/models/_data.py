@@ -145,8 +145,13 @@ def targets(
     return Y, mask
 
 
-def features(table: AnnData, embedding_key: str, rows: np.ndarray, dim: int | None = None) -> np.ndarray:
-    """Patch features ``(len(rows), d)`` from ``obsm[embedding_key]``, checked."""
+def features(
+    table: AnnData, embedding_key: str, rows: np.ndarray, dim: int | None = None, *, finite: bool = False
+) -> np.ndarray:
+    """Patch features ``(len(rows), d)`` from ``obsm[embedding_key]``, checked.
+
+    Also for NaN and inf, unless the caller has already found these rows ``finite``.
+    """
     check_obsm_key(
         table,
         embedding_key,
@@ -166,7 +171,8 @@ def features(table: AnnData, embedding_key: str, rows: np.ndarray, dim: int | No
             f"`adata.obsm[{embedding_key!r}]` has {F.shape[1]} features; the model was trained on {dim}. "
             "Embed the patches with the same encoder."
         )
-    check_finite(F, f"adata.obsm[{embedding_key!r}]")
+    if not finite:
+        check_finite(F, f"adata.obsm[{embedding_key!r}]")
     return F
 
 

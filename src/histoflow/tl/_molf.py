@@ -333,8 +333,8 @@ def predict(
     reg = model.registry
     feats_table = _model_features(target, table, table_key, reg, embed=embed, device=device)
     if baseline:
-        rows = _rows_to_predict(feats_table, reg.embedding_key, "all", Key.split)
-        mean = model.predict(feats_table, rows=rows)
+        rows = _rows_to_predict(feats_table, reg.embedding_key, "all", Key.split)  # the spots with finite features
+        mean = model._predict_rows(feats_table, rows, finite=True)
         write_predictions(table, key_added, rows=rows, genes=model.genes, mean=mean,
                           uns=baseline_uns(model, "all", rows))  # fmt: skip
         _keep_features(table, feats_table, reg.embedding_key)
