@@ -13,8 +13,9 @@ from histoflow._constants import Key
 from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import copy_data, get_table, log_write
+from histoflow._validate import check_positive
 from histoflow.tl._metrics import gsc, pcc, spatial_connectivity, ssc
-from histoflow.tl._smooth import _predictions, _write, scored_spots
+from histoflow.tl._smooth import _check_weight, _predictions, _write, scored_spots
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -143,14 +144,6 @@ def blend_predictions(
     return target if copy else None
 
 
-def _check_unit(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"`{name}` must be a number between 0 and 1, got {value!r}.")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be between 0 and 1, got {value!r}.")
-    return float(value)
-
-
 @doc_params()
 def select_blend(
     sdata: SpatialData | AnnData,
@@ -220,13 +213,13 @@ def select_blend(
     1 − w}``, the argument of :func:`~histoflow.tl.blend_predictions`), ``tolerance`` and ``split``. Nothing is
     written when an argument is wrong.
     """
-    ws = sorted({_check_unit(w, "weights") for w in weights}, reverse=True) if _is_sequence(weights) else []
+    meaning = f" (1: `{pred_key}` alone, 0: `{other_key}` alone)"
+    ws = sorted({_check_weight(w, "weights", meaning) for w in weights}, reverse=True) if _is_sequence(weights) else []
     if not ws:
         raise ValueError(f"`weights` must be a non-empty sequence of numbers between 0 and 1, got {weights!r}.")
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float | np.integer | np.floating):
         raise TypeError(f"`tolerance` must be a number of at least 0 (PCC the choice may give up), got {tolerance!r}.")
-    if not np.isfinite(tolerance) or tolerance < 0:
-        raise ValueError(f"`tolerance` must be a finite number of at least 0, got {tolerance!r}.")
+    check_positive(tolerance, "tolerance", allow_zero=True)
     if not isinstance(key_added, str) or not key_added:
         raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
     if pred_key == other_key:

@@ -24,15 +24,17 @@ if TYPE_CHECKING:
 __all__ = ["smooth_predictions", "select_smoothing", "neighbour_mean", "within_rings", "scored_spots"]
 
 
-def _check_weight(self_weight: Any) -> float:
-    if isinstance(self_weight, bool) or not isinstance(self_weight, int | float | np.integer | np.floating):
-        raise TypeError(f"`self_weight` must be a number between 0 and 1, got {self_weight!r}.")
-    w = float(self_weight)
+def _check_weight(
+    weight: Any,
+    arg: str = "self_weight",
+    meaning: str = " (1 keeps the predictions, 0 replaces each spot's by its neighbours' mean)",
+) -> float:
+    """A weight between 0 and 1 as a float; errors name ``arg`` and say what the ends mean."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float | np.integer | np.floating):
+        raise TypeError(f"`{arg}` must be a number between 0 and 1, got {weight!r}.")
+    w = float(weight)
     if not 0.0 <= w <= 1.0:
-        raise ValueError(
-            f"`self_weight` must be between 0 and 1 (1 keeps the predictions, 0 replaces each spot's by its "
-            f"neighbours' mean), got {self_weight!r}."
-        )
+        raise ValueError(f"`{arg}` must be between 0 and 1{meaning}, got {weight!r}.")
     return w
 
 
