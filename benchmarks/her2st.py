@@ -6,8 +6,8 @@
                                 [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
                                 [--ensemble N [--shared-stage-one] [--rotate-validation]] [--antithetic]
                                 [--api [--draws N [N ...]] [--distil W]] [--no-validation]
-                                [--panel-with-validation] [--smooth] [--blend W [W ...]]
-                                [--select-blend T [T ...]]
+                                [--panel-with-validation] [--smooth] [--blend W[:S] [W[:S] ...]]
+                                [--select-blend T [T ...] [--blend-spreads S [S ...]]]
                                 [--quick] [--threads 2] [--accelerator cpu|gpu]
                                 [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
@@ -44,9 +44,12 @@ stopping on the validation section, then from the same initial weights on all fo
 averaged with its spatial neighbours), with its defaults and with the weight and rings ``tl.select_smoothing`` chooses
 on the fold's validation section (not with ``--no-validation``); ``--blend 0.5`` scores every MoLF row also blended
 with the ridge probe, ``0.5`` × MoLF's prediction + ``0.5`` × the probe's (``tl.blend_predictions``; the probe is then
-fitted with an intercept, which changes none of its correlations, and before MoLF), and ``--select-blend 0 0.01`` with
+fitted with an intercept, which changes none of its correlations, and before MoLF; ``--blend 0.5:1`` with gene-wise
+weights, ``clip(0.5 + 1 × (r − 1/2), 0, 1)`` for the gene of rank ``r`` by Moran's I on the training sections), and
+``--select-blend 0 0.01`` with
 the weight ``tl.select_blend`` chooses on the fold's validation section (the most structure, mean of GSC and SSC, among
-the weights whose validation PCC is at most ``T`` below the best); each MoLF fit prints the training
+the weights whose validation PCC is at most ``T`` below the best; ``--blend-spreads 0 0.5 1 1.5 2`` adds rows with
+gene-wise weights, the genes ranked by their Moran's I on the training sections); each MoLF fit prints the training
 time and epochs of its stages. Every method is scored on the test section with ``tl.evaluate``: PCC (per gene over
 the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot
 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA, ARI/NMI against the domains of the truth).
@@ -310,11 +313,19 @@ def _predict_rows(model, sdata, rows, sampling: dict, times: dict) -> None:
         times[row] = time.perf_counter() - t
 
 
-def _blend_weight(value: str) -> float:
-    """A ``--blend`` weight: MoLF's share of the blend, strictly between 0 and 1."""
-    if not _is_weight(value):
-        raise argparse.ArgumentTypeError(f"MoLF's weight must be a number strictly between 0 and 1, got {value!r}")
-    return float(value)
+def _blend_weight(value: str) -> float | tuple[float, float]:
+    """A ``--blend`` weight: MoLF's share of the blend, strictly between 0 and 1; ``W:S`` adds a gene-wise spread."""
+    weight, sep, spread = value.partition(":")
+    try:
+        ok = _is_weight(weight) and (not sep or float(spread) >= 0)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(
+            f"MoLF's weight must be a number strictly between 0 and 1, optionally with a spread of at least 0 "
+            f"(W:S), got {value!r}"
+        )
+    return (float(weight), float(spread)) if sep else float(weight)
 
 
 def _draw_count(value: str) -> int | str:
@@ -498,10 +509,15 @@ def _row_label(method: str, ensemble: int) -> str:
     base, sep, weight = method.rpartition("_ridge")
     if sep and base and _is_weight(weight):
         return f"{_row_label(base, ensemble)}, blended with the ridge probe (MoLF weight {weight})"
-    base, sep, tol = method.rpartition("_ridgesel")
-    if sep and base:
-        what = "the best PCC" if float(tol) == 0 else f"PCC tolerance {tol}"
-        return f"{_row_label(base, ensemble)}, blended with the ridge probe, weight chosen on validation ({what})"
+    weight, sep, spread = weight.partition("s")
+    if base and sep and _is_weight(weight):
+        label = f"MoLF weight {weight}, gene-wise spread {spread}"
+        return f"{_row_label(base, ensemble)}, blended with the ridge probe ({label})"
+    for tag, weight in (("_ridgesel", "weight"), ("_ridgegene", "gene-wise weights")):
+        base, sep, tol = method.rpartition(tag)
+        if sep and base:
+            what = "the best PCC" if float(tol) == 0 else f"PCC tolerance {tol}"
+            return f"{_row_label(base, ensemble)}, blended with the ridge probe, {weight} chosen on validation ({what})"
     for suffix, what in (("_smsel", "as chosen on the validation section"), ("_sm", "with the defaults")):
         if method.endswith(suffix):
             return f"{_row_label(method[: -len(suffix)], ensemble)}, smoothed {what}"
@@ -545,15 +561,26 @@ def _is_weight(text: str) -> bool:
         return False
 
 
-def blended_rows(sdata, row: str, weights: list[float], times: dict) -> list[str]:
+def blended_rows(sdata, row: str, weights: list[float | tuple[float, float]], times: dict) -> list[str]:
     """``--blend``: ``bench_{row}`` blended with the ridge probe's ``bench_ridge`` by ``tl.blend_predictions``,
     ``W`` × the row's prediction + (1 − ``W``) × the probe's for each ``W`` of ``weights`` (row ``{row}_ridge{W}``);
-    their prediction times add the blend's to the row's (a row without its own time keeps the fold's)."""
+    for ``(W, S)``, gene-wise weights ``clip(W + S × (r − 1/2), 0, 1)`` with ``r`` the genes' rank by Moran's I on the
+    training sections (``tl.select_blend`` with that one pair, so nothing is chosen; row ``{row}_ridge{W}s{S}``); their
+    prediction times add the blend's to the row's (a row without its own time keeps the fold's)."""
+    table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata
     out = []
     for w in weights:
         t = time.perf_counter()
-        name = f"{row}_ridge{w:g}"
-        hf.tl.blend_predictions(sdata, {f"bench_{row}": w, "bench_ridge": 1.0 - w}, key_added=f"bench_{name}")
+        if isinstance(w, tuple):
+            (w, spread), name = w, f"{row}_ridge{w[0]:g}s{w[1]:g}"
+            hf.tl.select_blend(
+                sdata, pred_key=f"bench_{row}", other_key="bench_ridge", weights=(w,), spreads=(spread,),
+                split="train", key_added=f"bench_{name}",
+            )  # fmt: skip
+            blend = table.uns[f"bench_{name}_selection"]["weights"]
+        else:
+            name, blend = f"{row}_ridge{w:g}", {f"bench_{row}": w, "bench_ridge": 1.0 - w}
+        hf.tl.blend_predictions(sdata, blend, key_added=f"bench_{name}")
         if row in times:
             times[name] = times[row] + time.perf_counter() - t
         out.append(name)
@@ -571,25 +598,32 @@ def _tolerance(value: str) -> float:
     return tol
 
 
-def selected_blend_rows(sdata, row: str, tolerances: list[float], times: dict) -> list[str]:
+def selected_blend_rows(
+    sdata, row: str, tolerances: list[float], times: dict, spreads: list[float] | None = None
+) -> list[str]:
     """``--select-blend``: ``bench_{row}`` blended with the ridge probe's ``bench_ridge`` with the weight
     ``tl.select_blend`` chooses on the fold's validation section with each PCC tolerance of ``tolerances`` (row
-    ``{row}_ridgesel{T}``); prediction times as in :func:`blended_rows`."""
+    ``{row}_ridgesel{T}``); with ``spreads`` (``--blend-spreads``) also with gene-wise weights, every spread tried
+    (row ``{row}_ridgegene{T}``); prediction times as in :func:`blended_rows`."""
     table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata
     out = []
     for tol in tolerances:
-        t = time.perf_counter()
-        name = f"{row}_ridgesel{tol:g}"
-        hf.tl.select_blend(
-            sdata, pred_key=f"bench_{row}", other_key="bench_ridge", tolerance=tol, key_added=f"bench_{name}"
-        )
-        chosen = table.uns[f"bench_{name}_selection"]
-        hf.tl.blend_predictions(sdata, chosen["weights"], key_added=f"bench_{name}")
-        print(f"    {row}: blend chosen on the validation section (PCC tolerance {tol:g}): MoLF weight "
-              f"{chosen['weight']:g}", flush=True)  # fmt: skip
-        if row in times:
-            times[name] = times[row] + time.perf_counter() - t
-        out.append(name)
+        for tag, tried in (("ridgesel", (0.0,)), ("ridgegene", spreads)):
+            if not tried:
+                continue
+            t = time.perf_counter()
+            name = f"{row}_{tag}{tol:g}"
+            hf.tl.select_blend(
+                sdata, pred_key=f"bench_{row}", other_key="bench_ridge", spreads=tried, tolerance=tol,
+                key_added=f"bench_{name}",
+            )  # fmt: skip
+            chosen = table.uns[f"bench_{name}_selection"]
+            hf.tl.blend_predictions(sdata, chosen["weights"], key_added=f"bench_{name}")
+            print(f"    {row}: blend chosen on the validation section (PCC tolerance {tol:g}): MoLF weight "
+                  f"{chosen['weight']:g}, spread {chosen['spread']:g}", flush=True)  # fmt: skip
+            if row in times:
+                times[name] = times[row] + time.perf_counter() - t
+            out.append(name)
     return out
 
 
@@ -643,7 +677,7 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
                 if (args.blend or args.select_blend) and method in MOLF_VARIANTS:  # every MoLF row again, blended
                     for base in list(rows):  # each blend's fit time: its row's (a student's own) + the probe's
                         blends = blended_rows(sdata, base, args.blend or [], row_s)
-                        blends += selected_blend_rows(sdata, base, args.select_blend or [], row_s)
+                        blends += selected_blend_rows(sdata, base, args.select_blend or [], row_s, args.blend_spreads)
                         for row in blends:
                             row_fit_s[row] = row_fit_s.get(base, fit_s) + fit_times["ridge"]
                             rows.append(row)
@@ -878,8 +912,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         nargs="+",
         metavar="W",
         help="score every MoLF row also blended with the ridge probe (tl.blend_predictions): W × MoLF's prediction + "
-        "(1 − W) × the probe's, for each W (between 0 and 1); needs ridge in --methods (fitted first, with an "
-        "intercept)",
+        "(1 − W) × the probe's, for each W (between 0 and 1); W:S blends with gene-wise weights of spread S (the genes "
+        "ranked by Moran's I on the training sections); needs ridge in --methods (fitted first, with an intercept)",
     )
     p.add_argument(
         "--select-blend",
@@ -889,6 +923,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         help="score every MoLF row also blended with the ridge probe with the weight tl.select_blend chooses on the "
         "fold's validation section: the most structure (mean of GSC and SSC) among the weights whose PCC is at most T "
         "below the best, for each T (0: the best PCC); needs ridge in --methods and the validation section",
+    )
+    p.add_argument(
+        "--blend-spreads",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="with --select-blend: score every MoLF row also blended with gene-wise weights (tl.select_blend with "
+        "spreads=S …, the genes ranked by Moran's I on the training sections), rows …_ridgegene{T}",
     )
     p.add_argument(
         "--panel-with-validation",
@@ -947,6 +989,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.select_blend and (args.hest_bench or "ridge" not in args.methods or args.no_validation):
         p.error("argument --select-blend: HER2ST mode only, needs ridge in --methods (the probe MoLF is blended with) "
                 "and the validation section (drop --no-validation)")  # fmt: skip
+    if args.blend_spreads and not args.select_blend:
+        p.error("argument --blend-spreads: needs --select-blend T (the PCC tolerances of the choice)")
+    if args.blend_spreads and any(not (np.isfinite(v) and v >= 0) for v in args.blend_spreads):
+        p.error(f"argument --blend-spreads: each spread must be a number of at least 0, got {args.blend_spreads}")
     if args.blend or args.select_blend:  # the probe (and the MLP) first, so that every MoLF row can be blended with it
         args.methods = sorted(args.methods, key=lambda m: m not in ("ridge", "mlp"))
     if args.molf_train.get("refit") and args.select_guidance:

@@ -519,7 +519,20 @@ def test_select_blend_rows_blend_each_molf_row_with_the_weight_chosen_on_validat
         "(the best PCC)"
     )
     assert harness._row_label("molf_ridgesel0.01", 1).endswith("weight chosen on validation (PCC tolerance 0.01)")
+    # --blend-spreads: a second row per tolerance, with gene-wise weights
+    assert harness.selected_blend_rows(table, "molf", [0.0], {}, [0.0, 1.0]) == ["molf_ridgesel0", "molf_ridgegene0"]
+    stored = table.uns["bench_molf_ridgegene0_selection"]
+    assert sorted(stored["sweep"]["spread"].unique()) == [0.0, 1.0] and stored["structure_split"] == "train"
+    w = stored["weights"]["bench_molf"].to_numpy() if stored["spread"] > 0 else stored["weight"]
+    expected = w * table.obsm["bench_molf"].to_numpy() + (1 - w) * ridge
+    np.testing.assert_allclose(table.obsm["bench_molf_ridgegene0"].to_numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert harness._row_label("molf_t0_ridgegene0.01", 1) == (
+        "MoLF (MoE, window context), temperature 0, blended with the ridge probe, gene-wise weights chosen on "
+        "validation (PCC tolerance 0.01)"
+    )
     for argv, match in (
+        (["--blend-spreads", "1"], "needs --select-blend"),
+        (["--select-blend", "0", "--blend-spreads", "-1"], "at least 0"),
         (["--select-blend", "-0.1"], "from 0 to below 1"),
         (["--select-blend", "0", "--methods", "molf"], "needs ridge in --methods"),
         (["--select-blend", "0", "--no-validation", "--no-guidance-selection"], "drop --no-validation"),
@@ -556,11 +569,23 @@ def test_blend_rows_mix_each_molf_row_with_the_ridge_probe_fitted_with_an_interc
         "(MoLF weight 0.5)"
     )
     assert harness._row_label("ridge", 1) == "ridge (HEST probe)"
+    # W:S, gene-wise weights from the genes' Moran's I on the training spots
+    assert harness._blend_weight("0.5:1.5") == (0.5, 1.5) and harness._blend_weight("0.5") == 0.5
+    assert harness.blended_rows(table, "molf", [(0.5, 1.0)], {}) == ["molf_ridge0.5s1"]
+    stored = table.uns["bench_molf_ridge0.5s1_selection"]
+    rank = stored["gene_structure"]["rank"].to_numpy()
+    w = np.clip(0.5 + (rank - 0.5), 0.0, 1.0)
+    np.testing.assert_allclose(stored["weights"]["bench_molf"].to_numpy(), w)
+    expected = w * molf.to_numpy() + (1 - w) * ridge.to_numpy()
+    np.testing.assert_allclose(table.obsm["bench_molf_ridge0.5s1"].to_numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert harness._row_label("molf_t0_ridge0.5s1", 1) == (
+        "MoLF (MoE, window context), temperature 0, blended with the ridge probe (MoLF weight 0.5, gene-wise spread 1)"
+    )
     args.blend = None  # without --blend the probe keeps HEST's protocol (no intercept)
     harness.fit_method(table, "ridge", args, None)
     assert table.uns["bench_ridge"]["params"]["fit_intercept"] is False
-    for argv, match in ((["--blend", "1.5"], "strictly between 0 and 1"), (["--blend", "0.5", "--methods", "molf"],
-                        "needs ridge in --methods")):  # fmt: skip
+    for argv, match in ((["--blend", "1.5"], "strictly between 0 and 1"), (["--blend", "0.5:-1"], "(W:S)"),
+                        (["--blend", "0.5", "--methods", "molf"], "needs ridge in --methods")):  # fmt: skip
         with pytest.raises(SystemExit):
             harness.main(argv)
         assert match in capsys.readouterr().err

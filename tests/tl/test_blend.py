@@ -36,6 +36,56 @@ def test_the_blend_is_the_normalised_weighted_mean_gene_by_gene(helpers, tmp_pat
     np.testing.assert_allclose(adata.obsm["only_b"][genes].to_numpy(), B)
 
 
+def test_gene_wise_weights_blend_each_gene_with_its_own_row(helpers, tmp_path):
+    adata = helpers.make(n_slides=2, grid=(4, 5), n_genes=4)
+    rng = np.random.default_rng(1)
+    A, B = rng.normal(size=(2, adata.n_obs, 4))
+    helpers.add_prediction(adata, A, key="a")
+    helpers.add_prediction(adata, B, key="b")
+    genes = list(adata.var_names)
+    # rows in another order, one extra gene, one row not normalised
+    weights = pd.DataFrame({"b": [0.0, 1.0, 0.5, 0.25, 7.0], "a": [1.0, 0.0, 0.5, 0.75, 7.0]},
+                           index=[genes[0], genes[1], genes[3], genes[2], "EXTRA"])  # fmt: skip
+    hf.tl.blend_predictions(adata, weights)
+    wa = np.array([1.0, 0.0, 0.75, 0.5])
+    np.testing.assert_allclose(adata.obsm["blend"].to_numpy(), wa * A + (1 - wa) * B, rtol=1e-12)
+    stored = adata.uns["blend"]["weights"]
+    assert list(stored.index) == genes and list(stored.columns) == ["b", "a"]
+    np.testing.assert_allclose(stored["a"].to_numpy(), wa)
+    adata.write_h5ad(tmp_path / "t.h5ad")
+    back = ad.read_h5ad(tmp_path / "t.h5ad").uns["blend"]["weights"]
+    pd.testing.assert_frame_equal(back, stored, check_names=False)
+    # the same weight on every row is the plain blend
+    hf.tl.blend_predictions(adata, pd.DataFrame({"a": 3.0, "b": 1.0}, index=genes), key_added="even")
+    np.testing.assert_allclose(adata.obsm["even"].to_numpy(), 0.75 * A + 0.25 * B, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("weights", "error", "match"),
+    [
+        (pd.DataFrame({"a": [1.0, 1.0], "b": [0.0, 0.0]}, index=["G00", "G01"]), ValueError, r"no row for 1 .*'G02'"),
+        (pd.DataFrame({"a": [1.0, -1.0, 1.0], "b": 1.0}, index=["G00", "G01", "G02"]), ValueError, "at least 0"),
+        (pd.DataFrame({"a": [1.0, np.nan, 1.0], "b": 1.0}, index=["G00", "G01", "G02"]), ValueError, "NaN"),
+        (pd.DataFrame({"a": [1.0, 0.0, 1.0], "b": [0.0, 0.0, 1.0]}, index=["G00", "G01", "G02"]), ValueError,
+         r"all 0 for gene\(s\) \['G01'\]"),
+        (pd.DataFrame({"a": ["x", "y", "z"], "b": 1.0}, index=["G00", "G01", "G02"]), TypeError, "numbers"),
+        (pd.DataFrame({0: [1.0, 1.0, 1.0]}, index=["G00", "G01", "G02"]), TypeError, "columns must be `obsm` keys"),
+        (pd.DataFrame([[1.0, 1.0]] * 3, index=["G00", "G01", "G02"], columns=["a", "a"]), ValueError, "repeated"),
+        (pd.DataFrame([[1.0, 1.0]] * 2, index=["G00", "G00"], columns=["a", "b"]), ValueError, "repeated"),
+        (pd.DataFrame(columns=["a", "b"], dtype=float), ValueError, "at least one gene"),
+        (pd.DataFrame({"a": 1.0, "nope": 1.0}, index=["G00", "G01", "G02"]), KeyError, "pred_key"),
+    ],
+)  # fmt: skip
+def test_bad_gene_wise_weights_name_the_argument_and_write_nothing(helpers, weights, error, match):
+    adata = helpers.make(n_slides=1, grid=(4, 4), n_genes=3)
+    helpers.add_prediction(adata, np.ones((adata.n_obs, 3)), key="a")
+    helpers.add_prediction(adata, np.zeros((adata.n_obs, 3)), key="b")
+    before = (set(adata.obsm), set(adata.layers), set(adata.uns))
+    with pytest.raises(error, match=match):
+        hf.tl.blend_predictions(adata, weights)
+    assert (set(adata.obsm), set(adata.layers), set(adata.uns)) == before
+
+
 def test_spots_without_every_prediction_get_none(helpers):
     adata = helpers.make(n_slides=1, grid=(4, 4), n_genes=3)
     A = np.ones((adata.n_obs, 3))
@@ -146,7 +196,8 @@ def test_select_blend_scores_each_weight_as_evaluate_scores_the_blend(helpers):
     helpers.add_prediction(adata, _noisy(adata, 1, 1.0), key="molf")
     helpers.add_prediction(adata, _noisy(adata, 2, 1.0), key="ridge")
     sweep = hf.tl.select_blend(adata, weights=(0.0, 0.25, 0.5, 0.75, 1.0))
-    assert list(sweep.columns) == ["weight", "pcc", "gsc", "ssc", "structure", "chosen"]
+    assert list(sweep.columns) == ["weight", "spread", "pcc", "gsc", "ssc", "structure", "chosen"]
+    assert (sweep["spread"] == 0).all()
     assert list(sweep["weight"]) == [1.0, 0.75, 0.5, 0.25, 0.0] and sweep["chosen"].sum() == 1
     for _, row in sweep.iterrows():
         hf.tl.blend_predictions(adata, {"molf": row["weight"], "ridge": 1 - row["weight"]}, key_added="b")
@@ -162,6 +213,7 @@ def test_select_blend_scores_each_weight_as_evaluate_scores_the_blend(helpers):
     stored = adata.uns["blend_selection"]
     assert stored["weight"] == 0.5 and stored["weights"] == {"molf": 0.5, "ridge": 0.5}
     assert stored["split"] == "val" and stored["tolerance"] == 0.0 and stored["sweep"].equals(sweep)
+    assert stored["spread"] == 0.0 and "gene_structure" not in stored and "structure_split" not in stored
     hf.tl.blend_predictions(adata, stored["weights"])  # the record is blend_predictions' argument
     assert adata.uns["blend"]["weights"] == {"molf": 0.5, "ridge": 0.5}
 
@@ -212,6 +264,82 @@ def test_select_blend_looks_only_at_the_split_spots_with_both_predictions(helper
     pd.testing.assert_frame_equal(hf.tl.select_blend(adata), hf.tl.select_blend(sub))
 
 
+def _structured(helpers):
+    """Half the genes smooth in space, half spot-to-spot noise; a smooth model right on the first half only, a noisy
+    model right-ish on every gene."""
+    adata = _with_val(helpers, seed=6)
+    rng = np.random.default_rng(7)
+    x, y = adata.obsm["spatial"].T
+    fields = np.stack([np.sin(x / (150 + 40 * k) + k) * np.cos(y / (170 + 30 * k) - k) for k in range(4)], axis=1)
+    noise = rng.normal(size=(adata.n_obs, 4))
+    truth = 3.0 + np.hstack([fields + 0.1 * rng.normal(size=fields.shape), noise])  # G00–G03 smooth, G04–G07 noise
+    adata.layers["log1p"] = truth
+    unrelated = np.sin(x / 130.0)[:, None] + np.cos(y / 110.0)[:, None] * np.arange(1, 5)
+    helpers.add_prediction(adata, 3.0 + np.hstack([fields, unrelated]), key="molf")
+    rough = np.hstack([2.0 * rng.normal(size=fields.shape), rng.normal(size=noise.shape)])
+    helpers.add_prediction(adata, truth + rough, key="ridge")
+    return adata
+
+
+def test_gene_wise_weights_give_the_spatial_model_the_spatially_structured_genes(helpers):
+    adata = _structured(helpers)
+    sweep = hf.tl.select_blend(adata, weights=(0.0, 0.25, 0.5, 0.75, 1.0), spreads=(0, 20))
+    assert list(sweep["spread"].unique()) == [0.0, 20.0] and len(sweep) == 10 and sweep["chosen"].sum() == 1
+    chosen = sweep[sweep["chosen"]].iloc[0]
+    # spread 20 puts every gene at weight 0 or 1 whatever w (ties: the larger w)
+    assert chosen["spread"] == 20 and chosen["weight"] == 1.0
+    assert chosen["pcc"] > sweep.loc[sweep["spread"] == 0, "pcc"].max() + 0.1  # no single weight comes close
+    stored = adata.uns["blend_selection"]
+    assert stored["weight"] == 1.0 and stored["spread"] == 20.0 and stored["structure_split"] == "train"
+    genes = list(adata.var_names)
+    weights = stored["weights"]
+    assert list(weights.index) == genes and list(weights.columns) == ["molf", "ridge"]
+    np.testing.assert_array_equal(weights["molf"].to_numpy(), [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(weights["ridge"].to_numpy(), 1 - weights["molf"].to_numpy())
+    # the genes are ranked by Moran's I of the measured expression on the training slide
+    structure = stored["gene_structure"]
+    train = (adata.obs["split"] == "train").to_numpy()
+    graph = M.spatial_connectivity(adata[train])
+    np.testing.assert_allclose(structure["morans_i"].to_numpy(), M.morans_i(adata.layers["log1p"][train], graph))
+    assert structure["rank"].min() == 0.0 and structure["rank"].max() == 1.0
+    assert structure["rank"].iloc[:4].min() > structure["rank"].iloc[4:].max()
+    # the stored weights are blend_predictions' argument, and the chosen row scores what tl.evaluate scores
+    hf.tl.blend_predictions(adata, weights)
+    scores = hf.tl.evaluate(adata, pred_key="blend", split="val", metrics=["pcc", "gsc", "ssc"], inplace=False)
+    overall = scores[
+        (scores["gene_set"] == "all") & (scores["group"] == "all") & (scores["aggregation"] == "per_slide")
+    ]
+    for metric in ("pcc", "gsc", "ssc"):
+        value = float(overall.loc[overall["metric"] == metric, "value"].iloc[0])
+        assert chosen[metric] == pytest.approx(value, abs=1e-6), metric
+    # spread 0 rows are the plain sweep
+    plain = hf.tl.select_blend(adata, weights=(0.0, 0.25, 0.5, 0.75, 1.0), key_added="plain")
+    pd.testing.assert_frame_equal(
+        sweep[sweep["spread"] == 0].drop(columns="chosen").reset_index(drop=True), plain.drop(columns="chosen")
+    )
+
+
+def test_gene_wise_weights_clip_and_rank_by_the_structure_split(helpers):
+    adata = _structured(helpers)
+    hf.tl.select_blend(adata, weights=(0.8,), spreads=(1.0,), key_added="one")
+    stored = adata.uns["one_selection"]
+    rank = stored["gene_structure"]["rank"].to_numpy()
+    np.testing.assert_allclose(stored["weights"]["molf"].to_numpy(), np.clip(0.8 + (rank - 0.5), 0, 1))
+    # ranked on the test slide instead: its own structure, the same order of smooth and noisy genes here
+    hf.tl.select_blend(adata, weights=(0.8,), spreads=(1.0,), structure_split="test", key_added="test")
+    other = adata.uns["test_selection"]["gene_structure"]
+    assert not np.allclose(other["morans_i"], stored["gene_structure"]["morans_i"])
+    assert other["rank"].iloc[:4].min() > other["rank"].iloc[4:].max()
+    # no training spots: spreads above 0 cannot rank the genes, spread 0 does not need them
+    adata.obs["split"] = adata.obs["split"].cat.rename_categories({"train": "unused"})
+    before = set(adata.uns)
+    with pytest.raises(ValueError, match=r"0 spot\(s\) have `obs\['split'\] == 'train'`.*structure_split="):
+        hf.tl.select_blend(adata, spreads=(0, 1), key_added="none")
+    assert set(adata.uns) == before
+    hf.tl.select_blend(adata, key_added="none")
+    assert adata.uns["none_selection"]["spread"] == 0.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -231,6 +359,13 @@ def test_select_blend_looks_only_at_the_split_spots_with_both_predictions(helper
         ({"other_key": "other_genes"}, ValueError, "other genes"),
         ({"key_added": ""}, TypeError, "key_added"),
         ({"library_key": "slide"}, KeyError, "library_key"),
+        ({"spreads": ()}, ValueError, "spreads"),
+        ({"spreads": 1.0}, ValueError, "spreads"),
+        ({"spreads": (0, -1)}, ValueError, "`spreads` must hold finite numbers of at least 0"),
+        ({"spreads": (0, np.inf)}, ValueError, "spreads"),
+        ({"spreads": (0, "1")}, TypeError, "spreads"),
+        ({"spreads": (1,), "structure_split": "holdout"}, ValueError, "structure_split="),
+        ({"structure_split": 3}, TypeError, "structure_split"),
     ],
 )
 def test_select_blend_bad_input_names_the_argument_and_writes_nothing(helpers, kwargs, error, match):
