@@ -319,12 +319,16 @@ def test_gene_wise_weights_give_the_spatial_model_the_spatially_structured_genes
     )
 
 
-def test_gene_wise_weights_clip_and_rank_by_the_structure_split(helpers):
+def test_gene_wise_weights_clip_and_rank_by_the_structure_split(helpers, tmp_path):
     adata = _structured(helpers)
     hf.tl.select_blend(adata, weights=(0.8,), spreads=(1.0,), key_added="one")
     stored = adata.uns["one_selection"]
     rank = stored["gene_structure"]["rank"].to_numpy()
     np.testing.assert_allclose(stored["weights"]["molf"].to_numpy(), np.clip(0.8 + (rank - 0.5), 0, 1))
+    adata.write_h5ad(tmp_path / "t.h5ad")  # the record saves; read back, it still blends
+    back = ad.read_h5ad(tmp_path / "t.h5ad")
+    pd.testing.assert_frame_equal(back.uns["one_selection"]["weights"], stored["weights"], check_names=False)
+    hf.tl.blend_predictions(back, back.uns["one_selection"]["weights"])
     # ranked on the test slide instead: its own structure, the same order of smooth and noisy genes here
     hf.tl.select_blend(adata, weights=(0.8,), spreads=(1.0,), structure_split="test", key_added="test")
     other = adata.uns["test_selection"]["gene_structure"]

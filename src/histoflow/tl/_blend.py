@@ -343,8 +343,10 @@ def select_blend(
         wg = gene_w[(best, spread)]
         chosen = pd.DataFrame({pred_key: wg, other_key: 1.0 - wg}, index=pd.Index(genes, name="gene"))
     key = f"{key_added}_selection"
-    record = {"sweep": sweep, "weight": best, "spread": spread, "weights": chosen, "tolerance": float(tolerance)}
-    record["split"] = split
+    record = {
+        "sweep": sweep, "weight": best, "spread": spread, "weights": chosen, "tolerance": float(tolerance),
+        "split": split,
+    }  # fmt: skip
     if rank is not None:
         record["structure_split"] = structure_split
         record["gene_structure"] = structure
