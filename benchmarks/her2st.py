@@ -46,10 +46,10 @@ on the fold's validation section (not with ``--no-validation``); ``--blend 0.5``
 with the ridge probe, ``0.5`` × MoLF's prediction + ``0.5`` × the probe's (``tl.blend_predictions``; the probe is then
 fitted with an intercept, which changes none of its correlations, and before MoLF; ``--blend 0.5:1`` with gene-wise
 weights, ``clip(0.5 + 1 × (r − 1/2), 0, 1)`` for the gene of rank ``r`` by Moran's I on the training sections), and
-``--select-blend 0 0.01`` with
-the weight ``tl.select_blend`` chooses on the fold's validation section (the most structure, mean of GSC and SSC, among
-the weights whose validation PCC is at most ``T`` below the best; ``--blend-spreads 0 0.5 1 1.5 2`` adds rows with
-gene-wise weights, the genes ranked by their Moran's I on the training sections); each MoLF fit prints the training
+``--select-blend 0 0.01`` with the weight ``tl.select_blend`` chooses on the fold's validation section (the most
+structure, mean of GSC and SSC, among the weights whose validation PCC is at most ``T`` below the best;
+``--blend-spreads 0 0.5 1 1.5 2`` adds rows with gene-wise weights, the genes ranked by their Moran's I on the training
+sections); each MoLF fit prints the training
 time and epochs of its stages. Every method is scored on the test section with ``tl.evaluate``: PCC (per gene over
 the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot
 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA, ARI/NMI against the domains of the truth).

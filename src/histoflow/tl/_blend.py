@@ -317,11 +317,10 @@ def select_blend(
     if any(spread > 0 for spread in ss):  # gene-wise weights: the genes' spatial structure on the training slides
         structure = _structure_rank(adata, genes, structure_split, split_key, true_layer, library_key, graph)
         rank = structure["rank"].to_numpy()
-    records, gene_w = [], {}
+    records = []
     for spread in ss:
         for w in ws:
-            wg = np.full(len(genes), w) if spread == 0 else np.clip(w + spread * (rank - 0.5), 0.0, 1.0)
-            gene_w[(w, spread)] = wg
+            wg = w if spread == 0 else _spread_weights(w, spread, rank)
             blend = wg * A[rows] + (1.0 - wg) * B[rows]
             g, s_ = gsc(truth, blend, groups=groups), ssc(truth, blend, W, groups=groups)
             records.append(
@@ -340,7 +339,7 @@ def select_blend(
     if spread == 0:
         chosen: dict[str, float] | pd.DataFrame = {pred_key: best, other_key: 1.0 - best}
     else:
-        wg = gene_w[(best, spread)]
+        wg = _spread_weights(best, spread, rank)
         chosen = pd.DataFrame({pred_key: wg, other_key: 1.0 - wg}, index=pd.Index(genes, name="gene"))
     key = f"{key_added}_selection"
     record = {
@@ -356,6 +355,11 @@ def select_blend(
         "Blend chosen on %r: %.2f × %r + %.2f × %r, spread %.2g.", split, best, pred_key, 1.0 - best, other_key, spread
     )
     return sweep
+
+
+def _spread_weights(weight: float, spread: float, rank: np.ndarray) -> np.ndarray:
+    """Gene-wise weights ``clip(weight + spread × (rank − 1/2), 0, 1)``."""
+    return np.clip(weight + spread * (rank - 0.5), 0.0, 1.0)
 
 
 def _structure_rank(
