@@ -17,6 +17,18 @@ itself, and scored with histoflow's PCC, GSC and SSC (``histoflow.tl.metrics``; 
 - ``truth + independent noise``: every gene plus seeded Gaussian noise of 3.18 times its standard deviation, an
   expected PCC of 0.3 (about the best models'), full rank, no structure added.
 
+Two more rows are not predictions but measured expression of other sections of the same patient, for scale: GSC's and
+SSC's formulas (the Pearson correlation of the upper triangles of the two gene–gene correlation matrices; of the two
+vectors of per-gene Moran's I) applied to the test section's truth and
+
+- ``another measured section``: each of the other four sections (its own spots and grid; one row per pair, so the
+  spread is over the 20 pairs);
+- ``the training sections pooled``: the three training sections, correlations over their spots with each section
+  centred on its own mean, Moran's I the mean over the sections.
+
+These need no pairing of spots, so they have no PCC. A prediction whose GSC is above them reproduces the test section's
+gene–gene correlations better than a measured replicate of the same tissue does.
+
 Per section it also prints the effective rank of ``T`` (participation ratio of the eigenvalues of its gene-gene
 covariance, ``(sum l)^2 / sum l^2``), the principal axes needed for 90 % of its variance, and the effective rank of
 its gene–gene correlation matrix (what GSC compares; ``benchmarks/her2st.py`` prints the same for predictions). Mean
@@ -29,6 +41,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +91,45 @@ def oracle_predictions(T: np.ndarray, T_train: np.ndarray, W, ranks: list[int], 
     return out
 
 
+def structure_agreement(C_t: np.ndarray, I_t: np.ndarray, C_x: np.ndarray, I_x: np.ndarray) -> dict[str, float]:
+    """GSC's and SSC's formulas on precomputed pieces: gene–gene correlation matrices ``C_*`` and Moran's I ``I_*``.
+
+    GSC: Pearson correlation of the upper triangles (diagonal excluded) over the pairs defined in both (genes constant
+    in either are ``NaN`` in :func:`histoflow.tl.metrics.gene_correlation`); SSC: Pearson correlation of the Moran's I
+    vectors over the genes defined in both. For a prediction of the same spots these are ``metrics.gsc`` and
+    ``metrics.ssc``; here ``x`` may be other spots (another section), so there is no PCC.
+    """
+    iu = np.triu_indices(C_t.shape[0], k=1)
+    return {"PCC": np.nan, "GSC": _pearson_finite(C_t[iu], C_x[iu]), "SSC": _pearson_finite(I_t, I_x)}
+
+
+def _pearson_finite(a: np.ndarray, b: np.ndarray) -> float:
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(np.corrcoef(a[ok], b[ok])[0, 1]) if ok.sum() >= 3 else np.nan
+
+
+def measured_rows(T: np.ndarray, W, others: dict, T_train: np.ndarray, train_libs: list[str]) -> list[dict]:
+    """The two rows of measured expression (module docstring): ``others`` maps a section to ``(X, W)``."""
+    from histoflow.tl import metrics
+
+    C_t, I_t = metrics.gene_correlation(T), metrics.morans_i(T, W)
+    rows = []
+    for X, W_x in others.values():
+        rows.append(
+            {"prediction": "another measured section", **structure_agreement(C_t, I_t, *_pieces(metrics, X, W_x))}
+        )
+    with warnings.catch_warnings():  # a gene constant on every training section has no Moran's I: NaN, left out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        I_train = np.nanmean([metrics.morans_i(*others[lib]) for lib in train_libs], axis=0)
+    pooled = structure_agreement(C_t, I_t, metrics.gene_correlation(T_train), I_train)
+    rows.append({"prediction": "the training sections pooled", **pooled})
+    return rows
+
+
+def _pieces(metrics, X: np.ndarray, W) -> tuple[np.ndarray, np.ndarray]:
+    return metrics.gene_correlation(X), metrics.morans_i(X, W)
+
+
 def _dense(X) -> np.ndarray:
     return np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
 
@@ -90,6 +142,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     sdata = hf.io.read_her2st(Path(args.path), sections=args.sections, load_images=False)
     hf.pp.normalize(sdata)
     table = sdata.tables["table"]
+    libs = table.obs["library_id"].astype(str).to_numpy()
+    graphs = {lib: metrics.spatial_connectivity(table[libs == lib]) for lib in args.sections}
     rows, ranks = [], []
     for i, test in enumerate(args.sections):
         val = args.sections[(i + 1) % len(args.sections)]
@@ -111,6 +165,10 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         ranks.append({"test": test, "effective rank": pr, "axes for 90 %": k90, "corr": correlation_rank(T)})
         for name, P in oracle_predictions(T, T_train, W, args.ranks, args.seed).items():
             rows.append({"test": test, "prediction": name, **_scores(metrics, T, P, W)})
+        others = {lib: (_dense(table[libs == lib, genes].layers["log1p"]), graphs[lib]) for lib in args.sections}
+        others.pop(test)
+        train_libs = [lib for lib, role in roles.items() if role == "train"]
+        rows += [{"test": test, **row} for row in measured_rows(T, W, others, T_train, train_libs)]
     res = pd.DataFrame(rows)
     print(
         f"HER2ST sections {', '.join(args.sections)}: top-{args.n_genes} HVG per fold, log1p; "
@@ -118,8 +176,13 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     )
     print("| prediction (from the truth) | PCC | GSC | SSC |\n|---|---|---|---|")
     for name, g in res.groupby("prediction", sort=False):
-        cells = " | ".join(f"{g[c].mean():.3f} ± {g[c].std(ddof=0):.3f}" for c in ("PCC", "GSC", "SSC"))
+        cells = " | ".join(_cell(g[c]) for c in ("PCC", "GSC", "SSC"))
         print(f"| {name} | {cells} |")
+    pairs = res[res["prediction"] == "another measured section"]
+    print(
+        f"\nAnother measured section, over the {len(pairs)} pairs of sections: GSC {pairs['GSC'].min():.3f}–"
+        f"{pairs['GSC'].max():.3f}, SSC {pairs['SSC'].min():.3f}–{pairs['SSC'].max():.3f}"
+    )
     rk = pd.DataFrame(ranks)
     print(
         f"\nTruth of the test sections: effective rank {rk['effective rank'].mean():.1f} ± "
@@ -130,6 +193,13 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     if args.csv:
         res.to_csv(args.csv, index=False)
     return res
+
+
+def _cell(values: pd.Series) -> str:
+    """Mean ± std over the rows (ddof 0); – when undefined."""
+    if values.isna().all():
+        return "–"
+    return f"{values.mean():.3f} ± {values.std(ddof=0):.3f}"
 
 
 def _scores(metrics, T: np.ndarray, P: np.ndarray, W) -> dict[str, float]:
