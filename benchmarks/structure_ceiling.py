@@ -99,13 +99,10 @@ def structure_agreement(C_t: np.ndarray, I_t: np.ndarray, C_x: np.ndarray, I_x: 
     vectors over the genes defined in both. For a prediction of the same spots these are ``metrics.gsc`` and
     ``metrics.ssc``; here ``x`` may be other spots (another section), so there is no PCC.
     """
+    from histoflow.tl._metrics import _pearson_valid  # SSC's own masked Pearson correlation
+
     iu = np.triu_indices(C_t.shape[0], k=1)
-    return {"PCC": np.nan, "GSC": _pearson_finite(C_t[iu], C_x[iu]), "SSC": _pearson_finite(I_t, I_x)}
-
-
-def _pearson_finite(a: np.ndarray, b: np.ndarray) -> float:
-    ok = np.isfinite(a) & np.isfinite(b)
-    return float(np.corrcoef(a[ok], b[ok])[0, 1]) if ok.sum() >= 3 else np.nan
+    return {"PCC": np.nan, "GSC": _pearson_valid(C_t[iu], C_x[iu]), "SSC": _pearson_valid(I_t, I_x)}
 
 
 def measured_rows(T: np.ndarray, W, others: dict, T_train: np.ndarray, train_libs: list[str]) -> list[dict]:
