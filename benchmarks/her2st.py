@@ -6,7 +6,9 @@
                                 [--n-samples 4] [--temperature 1] [--set KEY=VALUE ...] [--vae-extra]
                                 [--ensemble N [--shared-stage-one] [--rotate-validation]] [--antithetic]
                                 [--api [--draws N [N ...]] [--distil W]] [--no-validation]
-                                [--panel-with-validation] [--smooth] [--blend W[:S] [W[:S] ...]]
+                                [--panel-with-validation] [--smooth [--smooth-genes W:S [W:S ...]]
+                                [--select-smoothing T [T ...] [--smoothing-spreads S [S ...]]]]
+                                [--blend W[:S] [W[:S] ...]]
                                 [--select-blend T [T ...] [--blend-spreads S [S ...]]]
                                 [--quick] [--threads 2] [--accelerator cpu|gpu]
                                 [--stage-one] [--csv results.csv]
@@ -42,7 +44,12 @@ for ``--epochs`` epochs without early stopping, and ``--set refit=true`` trains 
 stopping on the validation section, then from the same initial weights on all four non-test sections for the best epochs
 (both with ``--no-guidance-selection``); ``--smooth`` scores every row also after ``tl.smooth_predictions`` (each spot
 averaged with its spatial neighbours), with its defaults and with the weight and rings ``tl.select_smoothing`` chooses
-on the fold's validation section (not with ``--no-validation``); ``--blend 0.5`` scores every MoLF row also blended
+on the fold's validation section (not with ``--no-validation``), ``--smooth-genes 0.7:1`` also with gene-wise weights
+(``tl.smooth_predictions`` with ``self_weight=0.7, spread=1``: own weight ``clip(0.7 − 1 × (r − 1/2), 0, 1)`` for the
+gene of rank ``r`` by Moran's I on the training sections, so the spatially structured genes are averaged most) and
+``--select-smoothing 0 0.01`` with the weight, rings and spread ``tl.select_smoothing`` chooses on the validation
+section with each PCC tolerance (spreads ``--smoothing-spreads``, default 0 0.5 1 1.5); ``--blend 0.5`` scores every
+MoLF row also blended
 with the ridge probe, ``0.5`` × MoLF's prediction + ``0.5`` × the probe's (``tl.blend_predictions``; the probe is then
 fitted with an intercept, which changes none of its correlations, and before MoLF; ``--blend 0.5:1`` with gene-wise
 weights, ``clip(0.5 + 1 × (r − 1/2), 0, 1)`` for the gene of rank ``r`` by Moran's I on the training sections), and
@@ -105,6 +112,8 @@ METHOD_LABELS = {
     "mlp": "MLP",
     "ridge": "ridge (HEST probe)",
 }
+#: Spreads of the gene-wise smoothing weights that ``--select-smoothing`` tries (``--smoothing-spreads``).
+SMOOTH_SPREADS = [0.0, 0.5, 1.0, 1.5]
 MOLF_VARIANTS = {
     "molf": {},
     "dense": {"velocity": "dense"},
@@ -518,6 +527,14 @@ def _row_label(method: str, ensemble: int) -> str:
         if sep and base:
             what = "the best PCC" if float(tol) == 0 else f"PCC tolerance {tol}"
             return f"{_row_label(base, ensemble)}, blended with the ridge probe, {weight} chosen on validation ({what})"
+    base, sep, tol = method.rpartition("_smgsel")
+    if sep and base:
+        what = "the best PCC" if float(tol) == 0 else f"PCC tolerance {tol}"
+        return f"{_row_label(base, ensemble)}, smoothed gene-wise as chosen on validation ({what})"
+    base, sep, pair = method.rpartition("_smg")
+    if sep and base:
+        weight, _, spread = pair.partition("s")
+        return f"{_row_label(base, ensemble)}, smoothed gene-wise (self weight {weight}, spread {spread})"
     for suffix, what in (("_smsel", "as chosen on the validation section"), ("_sm", "with the defaults")):
         if method.endswith(suffix):
             return f"{_row_label(method[: -len(suffix)], ensemble)}, smoothed {what}"
@@ -531,21 +548,36 @@ def _row_label(method: str, ensemble: int) -> str:
     return METHOD_LABELS.get(base, base) + suffix
 
 
-def smoothed_rows(sdata, row: str, times: dict, choose: bool = True) -> list[str]:
+def smoothed_rows(
+    sdata,
+    row: str,
+    times: dict,
+    choose: bool = True,
+    gene_wise: list[tuple[float, float]] | None = None,
+    tolerances: list[float] | None = None,
+    spreads: list[float] | None = None,
+) -> list[str]:
     """``--smooth``: ``bench_{row}`` smoothed with ``tl.smooth_predictions``' defaults (row ``{row}_sm``) and, with
     ``choose``, with the weight and rings ``tl.select_smoothing`` chooses on the fold's validation section
-    (``{row}_smsel``); their prediction times add the smoothing's to the row's (a row without its own time keeps the
-    fold's)."""
+    (``{row}_smsel``); ``--smooth-genes W:S``: with gene-wise weights, own weight ``clip(W − S × (r − 1/2), 0, 1)`` for
+    the gene of rank ``r`` by Moran's I on the training sections (``{row}_smg{W}s{S}``); ``--select-smoothing T``
+    (with ``choose``): with the weight, rings and spread (each of ``spreads``) ``tl.select_smoothing`` chooses on the
+    validation section with PCC tolerance ``T`` (``{row}_smgsel{T}``). Their prediction times add the smoothing's to
+    the row's (a row without its own time keeps the fold's)."""
+    table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata
+    plans = [("sm", {}, None)] + ([("smsel", {}, 0.0)] if choose else [])
+    plans += [(f"smg{w:g}s{s:g}", {"self_weight": w, "spread": s}, None) for w, s in gene_wise or []]
+    if choose:
+        plans += [(f"smgsel{t:g}", {"spreads": spreads or SMOOTH_SPREADS, "tolerance": t}, t) for t in tolerances or []]
     out = []
-    for suffix, chosen in (("sm", False), ("smsel", True))[: 2 if choose else 1]:
+    for suffix, kw, tol in plans:
         t = time.perf_counter()
-        kw = {}
-        if chosen:
-            sweep = hf.tl.select_smoothing(sdata, pred_key=f"bench_{row}")
-            best = sweep[sweep["chosen"]].iloc[0]
-            kw = {"self_weight": float(best["self_weight"]), "n_rings": int(best["n_rings"])}
-            print(f"    {row}: smoothing chosen on the validation section: self weight {kw['self_weight']:g}, "
-                  f"{kw['n_rings']} ring(s)", flush=True)  # fmt: skip
+        if tol is not None:  # chosen on the validation section
+            hf.tl.select_smoothing(sdata, pred_key=f"bench_{row}", **kw)
+            chosen = table.uns[f"bench_{row}_smoothing"]
+            kw = {k: chosen[k] for k in ("self_weight", "n_rings", "spread")}
+            print(f"    {row}: smoothing chosen on the validation section (PCC tolerance {tol:g}): self weight "
+                  f"{kw['self_weight']:g}, {kw['n_rings']} ring(s), spread {kw['spread']:g}", flush=True)  # fmt: skip
         hf.tl.smooth_predictions(sdata, pred_key=f"bench_{row}", key_added=f"bench_{row}_{suffix}", **kw)
         if row in times:
             times[f"{row}_{suffix}"] = times[row] + time.perf_counter() - t
@@ -585,6 +617,20 @@ def blended_rows(sdata, row: str, weights: list[float | tuple[float, float]], ti
             times[name] = times[row] + time.perf_counter() - t
         out.append(name)
     return out
+
+
+def _smooth_pair(value: str) -> tuple[float, float]:
+    """A ``--smooth-genes`` pair ``W:S``: the own weight (0 to 1) and the gene-wise spread (at least 0)."""
+    weight, sep, spread = value.partition(":")
+    try:
+        w, s = float(weight), float(spread)
+    except ValueError:
+        w, s = -1.0, -1.0
+    if not sep or not (0.0 <= w <= 1.0 and np.isfinite(s) and s >= 0):
+        raise argparse.ArgumentTypeError(
+            f"a gene-wise smoothing is W:S, the own weight W from 0 to 1 and the spread S of at least 0, got {value!r}"
+        )
+    return w, s
 
 
 def _tolerance(value: str) -> float:
@@ -672,8 +718,9 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
                     rows += [row for row, *_ in draw_rows(f"{method}_distil", DISTIL_DRAWS)]
                 row_fit_s = table.uns.pop("bench_fit_s", {})  # --distil: the ensemble's fit time and the student's
                 if args.smooth:  # every row again, averaged with its spatial neighbours
-                    choose = not args.no_validation  # no validation section: the defaults only
-                    rows += [row for base in list(rows) for row in smoothed_rows(sdata, base, row_s, choose)]
+                    choose = not args.no_validation  # no validation section: nothing chosen
+                    smooth = (args.smooth_genes, args.select_smoothing, args.smoothing_spreads)
+                    rows += [row for base in list(rows) for row in smoothed_rows(sdata, base, row_s, choose, *smooth)]
                 if (args.blend or args.select_blend) and method in MOLF_VARIANTS:  # every MoLF row again, blended
                     for base in list(rows):  # each blend's fit time: its row's (a student's own) + the probe's
                         blends = blended_rows(sdata, base, args.blend or [], row_s)
@@ -953,6 +1000,31 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         "and, unless --no-validation, with the weight and rings tl.select_smoothing chooses on the fold's validation "
         "section)",
     )
+    p.add_argument(
+        "--smooth-genes",
+        type=_smooth_pair,
+        nargs="+",
+        metavar="W:S",
+        help="with --smooth: score every row also smoothed with gene-wise weights (tl.smooth_predictions with "
+        "self_weight=W, spread=S: the genes ranked by Moran's I on the training sections, the most structured "
+        "smoothed most)",
+    )
+    p.add_argument(
+        "--select-smoothing",
+        type=_tolerance,
+        nargs="+",
+        metavar="T",
+        help="with --smooth: score every row also smoothed with the weight, rings and gene-wise spread "
+        "tl.select_smoothing chooses on the fold's validation section (the most structure among the choices whose "
+        "PCC is at most T below the best), for each T; needs the validation section",
+    )
+    p.add_argument(
+        "--smoothing-spreads",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help=f"with --select-smoothing: the gene-wise spreads it tries (default {' '.join(map(str, SMOOTH_SPREADS))})",
+    )
     p.add_argument("--vae-extra", action="store_true", help="train Stage I also on the count-only sections")
     p.add_argument(
         "--stage-one",
@@ -984,6 +1056,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 "(they need the validation section)")  # fmt: skip
     if args.smooth and args.hest_bench:
         p.error("argument --smooth: HER2ST mode only; drop it with --hest-bench")
+    if (args.smooth_genes or args.select_smoothing or args.smoothing_spreads) and not args.smooth:
+        p.error("arguments --smooth-genes, --select-smoothing and --smoothing-spreads: add --smooth")
+    if args.select_smoothing and args.no_validation:
+        p.error("argument --select-smoothing: needs the validation section (drop --no-validation)")
+    if args.smoothing_spreads and not args.select_smoothing:
+        p.error("argument --smoothing-spreads: needs --select-smoothing T (the PCC tolerances of the choice)")
+    if args.smoothing_spreads and any(not (np.isfinite(v) and v >= 0) for v in args.smoothing_spreads):
+        p.error(f"argument --smoothing-spreads: each spread must be at least 0, got {args.smoothing_spreads}")
     if args.blend and (args.hest_bench or "ridge" not in args.methods):
         p.error("argument --blend: HER2ST mode only, and needs ridge in --methods (the probe MoLF is blended with)")
     if args.select_blend and (args.hest_bench or "ridge" not in args.methods or args.no_validation):

@@ -10,9 +10,11 @@ Each configuration runs in a fresh process (peak RSS is per process). Rows:
 - MoLF, steps = 1 with guidance, one draw from the prior mean (``temperature=0``: the null branch is evaluated once),
 - the same through ``tl.predict`` (the predictions written to the table), then smoothed with
   ``tl.smooth_predictions`` (each spot averaged with its spatial neighbours) on a graph built before the timed call
-  (``obsp["spatial_connectivities"]``, as squidpy leaves it), and with the graph built in the timed call, and
+  (``obsp["spatial_connectivities"]``, as squidpy leaves it), with one weight per gene (given, as a former call
+  stores them) on that graph, with the graph built in the timed call, and
   smoothed on the given graph then blended half and half with the ridge probe (its prediction through ``tl.predict``,
-  written to the table, and ``tl.blend_predictions`` timed too),
+  written to the table, and ``tl.blend_predictions`` timed too), and the same with one smoothing weight and one blend
+  weight per gene (given, as stored by ``tl.smooth_predictions`` with a spread and ``tl.select_blend``),
 - MoLF, steps = 10 with guidance,
 - MoLF, steps = 1 with guidance, mean of 16 draws (``n_samples=16``: the condition is encoded once, each draw is a
   velocity evaluation and a decoder pass),
@@ -76,7 +78,10 @@ def _table(n: int, seed: int = 0, dim: int = 1280):
 
 #: rows of one model at temperature 0 through ``tl.predict``: alone, then smoothed on a given graph, and smoothed with
 #: the graph built in the timed call
-TL_ROWS = ("molf_t0_tl", "molf_t0_smooth", "molf_t0_smooth_graph", "molf_t0_smooth_ridge")
+TL_ROWS = (
+    "molf_t0_tl", "molf_t0_smooth", "molf_t0_smooth_genes", "molf_t0_smooth_graph", "molf_t0_smooth_ridge",
+    "molf_t0_genes_ridge",
+)  # fmt: skip
 
 
 def _ridge(a):
@@ -127,9 +132,17 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
         ensemble = kind.startswith("ens")
         import histoflow as hf
 
-        if kind in ("molf_t0_smooth", "molf_t0_smooth_ridge"):  # the slides' graph exists (as from squidpy): not timed
+        if kind in TL_ROWS and kind not in ("molf_t0_tl", "molf_t0_smooth_graph"):  # the graph exists: not timed
             a.obsp["spatial_connectivities"] = hf.tl.metrics.spatial_connectivity(a)
-        ridge = _ridge(a) if kind == "molf_t0_smooth_ridge" else None
+        smooth_kw, blend = {}, {"molf_smoothed": 0.5, "ridge": 0.5}
+        if kind in ("molf_t0_smooth_genes", "molf_t0_genes_ridge"):  # one weight per gene, as stored by a former call
+            import pandas as pd
+
+            genes = pd.Index([str(g) for g in a.var_names], name="gene")
+            smooth_kw["self_weight"] = pd.Series(np.linspace(0.2, 1.0, len(genes)), index=genes)
+            w = np.linspace(0.1, 0.9, len(genes))
+            blend = pd.DataFrame({"molf_smoothed": w, "ridge": 1.0 - w}, index=genes)  # gene-wise blend weights
+        ridge = _ridge(a) if kind.endswith("_ridge") else None
         if ensemble:  # ens<N>_*: N members with their own weights, predicted through tl.predict
             members = [m]
             for seed in range(1, int(kind[3])):
@@ -146,10 +159,10 @@ def _run(kind: str, n: int, repeats: int, threads: int, device: str, config: dic
                 hf.tl.predict(m, a, **sampling, device=device, key_added="molf")
                 if kind != "molf_t0_tl":
                     graph = None if kind == "molf_t0_smooth_graph" else "spatial_connectivities"
-                    hf.tl.smooth_predictions(a, pred_key="molf", connectivity_key=graph)
+                    hf.tl.smooth_predictions(a, pred_key="molf", connectivity_key=graph, **smooth_kw)
                 if ridge is not None:  # the probe's predictions into the table (tl.predict), then the blend
                     hf.tl.predict(ridge, a, key_added="ridge")
-                    hf.tl.blend_predictions(a, {"molf_smoothed": 0.5, "ridge": 0.5})
+                    hf.tl.blend_predictions(a, blend)
             else:
                 m.predict(a, **sampling, device=device)
             if i >= warmup:
@@ -182,7 +195,9 @@ def main() -> None:
         ("molf_t0_tl", "MoLF, 1 step, w=2, temperature 0, tl.predict"),
         ("molf_t0_smooth", "the same + tl.smooth_predictions (graph given)"),
         ("molf_t0_smooth_graph", "the same + tl.smooth_predictions (graph built)"),
+        ("molf_t0_smooth_genes", "the same + tl.smooth_predictions, gene-wise weights (graph given)"),
         ("molf_t0_smooth_ridge", "the same (graph given) + ridge probe + tl.blend_predictions"),
+        ("molf_t0_genes_ridge", "the same, smoothing and blend gene-wise (weights given)"),
         ("molf_10", "MoLF, 10 steps, guidance w=2"),
         ("molf_16", "MoLF, 1 step, w=2, mean of 16 draws"),
         ("molf_anti4", "MoLF, 1 step, w=2, mean of 4 antithetic draws"),

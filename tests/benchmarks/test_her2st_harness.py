@@ -490,6 +490,60 @@ def test_smooth_rows_average_each_row_with_its_neighbours_default_and_chosen_on_
     assert "--smooth: HER2ST mode only" in capsys.readouterr().err
 
 
+def test_gene_wise_smoothing_rows_fixed_and_chosen_on_validation(tmp_path, capsys):
+    import histoflow as hf
+
+    harness, table, args = _fit_setup(tmp_path)
+    harness.fit_method(table, "molf", args, None)
+    times = {"molf": 1.5}
+    rows = harness.smoothed_rows(table, "molf", times, True, [(0.7, 1.0)], [0.0, 0.01], [0.0, 1.0])
+    assert rows == ["molf_sm", "molf_smsel", "molf_smg0.7s1", "molf_smgsel0", "molf_smgsel0.01"]
+    assert times["molf_smg0.7s1"] > 1.5 and times["molf_smgsel0.01"] > 1.5
+    ref = hf.tl.smooth_predictions(table, pred_key="bench_molf", self_weight=0.7, spread=1.0, copy=True)
+    np.testing.assert_allclose(table.obsm["bench_molf_smg0.7s1"].to_numpy(), ref.obsm["bench_molf_smoothed"].to_numpy())
+    assert (ref.uns["bench_molf_smoothed"]["gene_weights"]["self_weight"].nunique()) > 1  # one weight per gene
+    # the last row: what select_smoothing chooses on the validation section with these spreads and tolerance
+    stored = table.uns["bench_molf_smoothing"]
+    assert stored["tolerance"] == 0.01 and sorted(stored["sweep"]["spread"].unique()) == [0.0, 1.0]
+    pd.testing.assert_frame_equal(
+        stored["sweep"],
+        hf.tl.select_smoothing(table.copy(), pred_key="bench_molf", spreads=(0.0, 1.0), tolerance=0.01),
+    )
+    kw = {k: stored[k] for k in ("self_weight", "n_rings", "spread")}
+    ref = hf.tl.smooth_predictions(table, pred_key="bench_molf", copy=True, **kw)
+    np.testing.assert_allclose(
+        table.obsm["bench_molf_smgsel0.01"].to_numpy(), ref.obsm["bench_molf_smoothed"].to_numpy()
+    )
+    assert "smoothing chosen on the validation section (PCC tolerance 0.01): self weight" in capsys.readouterr().out
+    assert harness._row_label("molf_t0_smg0.7s1", 1) == (
+        "MoLF (MoE, window context), temperature 0, smoothed gene-wise (self weight 0.7, spread 1)"
+    )
+    assert harness._row_label("molf_t0_smgsel0.01", 1) == (
+        "MoLF (MoE, window context), temperature 0, smoothed gene-wise as chosen on validation (PCC tolerance 0.01)"
+    )
+    assert harness._row_label("molf_smgsel0", 1).endswith("as chosen on validation (the best PCC)")
+    assert harness._row_label("molf_t0_smg0.7s1_ridge0.5s1", 1) == (
+        "MoLF (MoE, window context), temperature 0, smoothed gene-wise (self weight 0.7, spread 1), blended with the "
+        "ridge probe (MoLF weight 0.5, gene-wise spread 1)"
+    )
+    # --no-validation: the fixed rows only
+    assert harness.smoothed_rows(table, "molf", {}, False, [(0.7, 1.0)], [0.01]) == ["molf_sm", "molf_smg0.7s1"]
+    for argv, message in [
+        (["--smooth-genes", "0.7:1"], "add --smooth"),
+        (["--smooth", "--smooth-genes", "0.7"], "W:S"),
+        (["--smooth", "--smooth-genes", "1.2:1"], "W:S"),
+        (["--smooth", "--smoothing-spreads", "1"], "needs --select-smoothing"),
+        (["--smooth", "--select-smoothing", "0", "--smoothing-spreads", "-1"], "at least 0"),
+        (
+            ["--smooth", "--select-smoothing", "0", "--no-validation", "--no-guidance-selection"],
+            "--select-smoothing: needs the validation section",
+        ),
+    ]:
+        with pytest.raises(SystemExit):
+            harness.main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_select_blend_rows_blend_each_molf_row_with_the_weight_chosen_on_validation(tmp_path, capsys):
     import histoflow as hf
 

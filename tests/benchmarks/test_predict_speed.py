@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 from _scripts import load_script
 
@@ -66,8 +67,10 @@ def test_antithetic_and_ensemble_rows_predict_and_report_a_time(kind, monkeypatc
     [
         ("molf_t0_tl", None),
         ("molf_t0_smooth", "spatial_connectivities"),
+        ("molf_t0_smooth_genes", "spatial_connectivities"),
         ("molf_t0_smooth_graph", None),
         ("molf_t0_smooth_ridge", "spatial_connectivities"),
+        ("molf_t0_genes_ridge", "spatial_connectivities"),
     ],
 )
 def test_rows_through_tl_predict_write_then_smooth(kind, graph, monkeypatch):
@@ -112,8 +115,18 @@ def test_rows_through_tl_predict_write_then_smooth(kind, graph, monkeypatch):
         assert smooths == []
     else:
         assert [kw["connectivity_key"] for kw in smooths] == [graph] * 2
+        weights = [kw.get("self_weight") for kw in smooths]
+        if kind in ("molf_t0_smooth_genes", "molf_t0_genes_ridge"):  # one given weight per gene of the table
+            assert all(list(w.index) == [str(g) for g in mod._table(300, dim=32).var_names] for w in weights)
+            assert all(w.nunique() == len(w) for w in weights)
+        else:
+            assert weights == [None] * 2  # the default, one weight for every gene
     blends = [w for c, w in calls if c == "blend"]
-    assert blends == ([{"molf_smoothed": 0.5, "ridge": 0.5}] * 2 if kind.endswith("_ridge") else [])
+    if kind == "molf_t0_genes_ridge":  # gene-wise blend weights: one row per gene, MoLF's weight varying
+        assert len(blends) == 2 and all(list(w.columns) == ["molf_smoothed", "ridge"] for w in blends)
+        assert all(w["molf_smoothed"].nunique() == len(w) and np.allclose(w.sum(axis=1), 1) for w in blends)
+    else:
+        assert blends == ([{"molf_smoothed": 0.5, "ridge": 0.5}] * 2 if kind.endswith("_ridge") else [])
 
 
 def test_ridge_row_times_the_probe():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -256,6 +257,12 @@ def test_select_smoothing_never_looks_at_other_slides(helpers):
         ({"n_rings": (0,)}, ValueError, "n_rings"),
         ({"true_layer": "counts"}, KeyError, "true_layer"),
         ({"pred_key": "other_genes"}, KeyError, "no truth for them"),
+        ({"spreads": ()}, ValueError, "spreads"),
+        ({"spreads": (0, -1)}, ValueError, "spreads"),
+        ({"spreads": ("wide",)}, TypeError, "spreads"),
+        ({"tolerance": -0.1}, ValueError, "tolerance"),
+        ({"tolerance": "small"}, TypeError, "tolerance"),
+        ({"spreads": (1,), "structure_split": "holdout"}, ValueError, "structure_split="),
     ],
 )
 def test_select_smoothing_bad_input(helpers, kwargs, error, match):
@@ -266,3 +273,113 @@ def test_select_smoothing_bad_input(helpers, kwargs, error, match):
     with pytest.raises(error, match=match):
         hf.tl.select_smoothing(adata, **kwargs)
     assert set(adata.uns) == before
+
+
+# ---------------------------------------------------------------------------------------- gene-wise weights
+
+
+def _patterned_and_noisy(helpers):
+    """G00–G03 smooth in space, G04–G07 spot-to-spot noise; a prediction = truth + errors that neighbours do not share.
+
+    Averaging with the neighbours removes errors and keeps the signal of the smooth genes, and removes the signal of
+    the noisy ones: they want different weights.
+    """
+    adata = helpers.make(n_slides=3, grid=(8, 8), n_genes=8, seed=6)
+    adata.obs["split"] = pd.Categorical(adata.obs["library_id"].map({"S0": "train", "S1": "val", "S2": "test"}))
+    rng = np.random.default_rng(11)
+    x, y = adata.obsm["spatial"].T
+    fields = np.stack([np.sin(x / (150 + 40 * k) + k) * np.cos(y / (170 + 30 * k) - k) for k in range(4)], axis=1)
+    truth = 3.0 + np.hstack([fields, rng.normal(size=(adata.n_obs, 4))])
+    adata.layers["log1p"] = truth
+    helpers.add_prediction(adata, truth + rng.normal(scale=1.0, size=truth.shape), key="molf")
+    return adata
+
+
+def test_gene_wise_smoothing_averages_the_patterned_genes_more(helpers, tmp_path):
+    adata = _patterned_and_noisy(helpers)
+    hf.tl.smooth_predictions(adata, self_weight=0.5, spread=1.0)
+    stored = adata.uns["molf_smoothed"]
+    assert stored["self_weight"] == 0.5 and stored["spread"] == 1.0 and stored["structure_split"] == "train"
+    gw = stored["gene_weights"]
+    assert list(gw.index) == list(adata.var_names) and list(gw.columns) == ["self_weight", "morans_i", "rank"]
+    # ranked by Moran's I of the measured expression on the training slide
+    train = (adata.obs["split"] == "train").to_numpy()
+    W = M.spatial_connectivity(adata[train])
+    np.testing.assert_allclose(gw["morans_i"], M.morans_i(adata.layers["log1p"][train], W))
+    assert gw["rank"].iloc[:4].min() > gw["rank"].iloc[4:].max()
+    np.testing.assert_allclose(gw["self_weight"], np.clip(0.5 - (gw["rank"] - 0.5), 0, 1))
+    assert gw["self_weight"].iloc[:4].max() < gw["self_weight"].iloc[4:].min()
+    # each gene as smoothed with its own weight alone
+    out = adata.obsm["molf_smoothed"].to_numpy()
+    for j, w in enumerate(gw["self_weight"]):
+        one = hf.tl.smooth_predictions(adata, self_weight=float(w), key_added="one", copy=True)
+        np.testing.assert_allclose(out[:, j], one.obsm["one"].to_numpy()[:, j])
+    # the stored weights smooth a table without training slides (a new slide) the same way, and survive h5ad
+    adata.write_h5ad(tmp_path / "t.h5ad")
+    new = ad.read_h5ad(tmp_path / "t.h5ad")
+    new.obs["split"] = "test"
+    weights = new.uns["molf_smoothed"]["gene_weights"]["self_weight"]
+    hf.tl.smooth_predictions(new, self_weight=weights, key_added="again")
+    np.testing.assert_allclose(new.obsm["again"].to_numpy(), out)
+    assert "self_weight" not in new.uns["again"] and new.uns["again"]["spread"] == 0.0
+    # a mapping of gene -> weight does the same
+    mapping = dict(zip(adata.var_names, gw["self_weight"], strict=True))
+    hf.tl.smooth_predictions(new, self_weight=mapping, key_added="mapped")
+    np.testing.assert_allclose(new.obsm["mapped"].to_numpy(), out)
+    # spread 0 is the plain smoothing
+    plain = hf.tl.smooth_predictions(adata, self_weight=0.5, copy=True)
+    zero = hf.tl.smooth_predictions(adata, self_weight=0.5, spread=0, copy=True)
+    np.testing.assert_array_equal(zero.obsm["molf_smoothed"].to_numpy(), plain.obsm["molf_smoothed"].to_numpy())
+    assert "gene_weights" not in zero.uns["molf_smoothed"]
+
+
+def test_gene_wise_smoothing_is_chosen_where_the_genes_differ(helpers):
+    adata = _patterned_and_noisy(helpers)
+    sweep = hf.tl.select_smoothing(adata, self_weights=(1.0, 0.6, 0.3), n_rings=(1,), spreads=(0, 2))
+    assert list(sweep.columns) == [
+        "self_weight", "n_rings", "spread", "pcc", "gsc", "ssc", "structure", "chosen"
+    ]  # fmt: skip
+    assert len(sweep) == 6 and sweep["chosen"].sum() == 1
+    chosen = sweep[sweep["chosen"]].iloc[0]
+    # spread 2 smooths the patterned genes fully and leaves the noisy ones: better than any one weight
+    assert chosen["spread"] == 2.0 and chosen["pcc"] > sweep.loc[sweep["spread"] == 0, "pcc"].max() + 0.02
+    stored = adata.uns["molf_smoothing"]
+    assert stored["spread"] == 2.0 and stored["tolerance"] == 0.0 and stored["structure_split"] == "train"
+    assert stored["gene_structure"]["rank"].iloc[:4].min() > stored["gene_structure"]["rank"].iloc[4:].max()
+    # the chosen row scores what smooth_predictions then writes, on the validation slide
+    hf.tl.smooth_predictions(
+        adata, self_weight=stored["self_weight"], n_rings=stored["n_rings"], spread=stored["spread"]
+    )
+    val = (adata.obs["split"] == "val").to_numpy()
+    truth, smoothed = adata.layers["log1p"][val], adata.obsm["molf_smoothed"].to_numpy()[val]
+    W = M.spatial_connectivity(adata[val])
+    assert np.isclose(M.pcc(truth, smoothed), chosen["pcc"]) and np.isclose(M.ssc(truth, smoothed, W), chosen["ssc"])
+    assert np.isclose(M.gsc(truth, smoothed), chosen["gsc"])
+    # a tolerance of 1 admits every row: the most structure (mean of GSC and SSC) is chosen
+    sweep = hf.tl.select_smoothing(adata, self_weights=(1.0, 0.6, 0.3), n_rings=(1, 2), spreads=(0, 2), tolerance=1)
+    assert sweep.loc[sweep["chosen"], "structure"].iloc[0] == sweep["structure"].max()
+    # the default sweep: one weight for every gene, the best PCC
+    sweep = hf.tl.select_smoothing(adata)
+    assert (sweep["spread"] == 0).all() and sweep.loc[sweep["chosen"], "pcc"].iloc[0] == sweep["pcc"].max()
+    assert "gene_structure" not in adata.uns["molf_smoothing"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"spread": -1.0}, ValueError, "spread"),
+        ({"spread": "wide"}, TypeError, "spread"),
+        ({"spread": float("nan")}, ValueError, "spread"),
+        ({"self_weight": {"G00": 0.5}}, ValueError, r"`self_weight` has no weight for 7 predicted gene"),
+        ({"self_weight": pd.Series(1.5, index=[f"G{j:02d}" for j in range(8)])}, ValueError, "between 0 and 1"),
+        ({"self_weight": pd.Series(0.5, index=[f"G{j:02d}" for j in range(8)]), "spread": 1.0}, ValueError, "spread=0"),
+        ({"spread": 1.0, "structure_split": "holdout"}, ValueError, "structure_split="),
+        ({"spread": 1.0, "true_layer": "counts"}, KeyError, "true_layer"),
+    ],
+)
+def test_gene_wise_smoothing_bad_input_names_the_argument_and_writes_nothing(helpers, kwargs, error, match):
+    adata = _patterned_and_noisy(helpers)
+    before = (set(adata.obsm), set(adata.uns), set(adata.layers))
+    with pytest.raises(error, match=match):
+        hf.tl.smooth_predictions(adata, **kwargs)
+    assert (set(adata.obsm), set(adata.uns), set(adata.layers)) == before

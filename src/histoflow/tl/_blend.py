@@ -14,8 +14,17 @@ from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import copy_data, get_table, log_write
 from histoflow._validate import check_positive
-from histoflow.tl._metrics import _group_index, gsc, morans_i, pcc, spatial_connectivity, ssc
-from histoflow.tl._smooth import _check_weight, _predictions, _write, scored_spots
+from histoflow.tl._metrics import gsc, pcc, spatial_connectivity, ssc
+from histoflow.tl._smooth import (
+    _check_spreads,
+    _check_weight,
+    _is_sequence,
+    _predictions,
+    _spread_weights,
+    _structure_rank,
+    _write,
+    scored_spots,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -315,7 +324,7 @@ def select_blend(
     W = spatial_connectivity(view, library_key=library_key, **graph)
     rank = None
     if any(spread > 0 for spread in ss):  # gene-wise weights: the genes' spatial structure on the training slides
-        structure = _structure_rank(adata, genes, structure_split, split_key, true_layer, library_key, graph)
+        structure = _structure_rank(adata, genes, structure_split, split_key, true_layer, library_key, graph=graph)
         rank = structure["rank"].to_numpy()
     records = []
     for spread in ss:
@@ -355,63 +364,3 @@ def select_blend(
         "Blend chosen on %r: %.2f × %r + %.2f × %r, spread %.2g.", split, best, pred_key, 1.0 - best, other_key, spread
     )
     return sweep
-
-
-def _spread_weights(weight: float, spread: float, rank: np.ndarray) -> np.ndarray:
-    """Gene-wise weights ``clip(weight + spread × (rank − 1/2), 0, 1)``."""
-    return np.clip(weight + spread * (rank - 0.5), 0.0, 1.0)
-
-
-def _structure_rank(
-    adata: AnnData,
-    genes: list[str],
-    split: str,
-    split_key: str,
-    true_layer: str | None,
-    library_key: str | None,
-    graph: dict[str, Any],
-) -> pd.DataFrame:
-    """Each gene's Moran's I on the ``split`` spots (each slide's graph, mean over slides) and its rank in [0, 1].
-
-    The rank is the gene's quantile among the genes with a Moran's I (ties share the mean rank): 0 for the least
-    spatially structured, 1 for the most; genes without one (constant on every slide) get 0.5.
-    """
-    on = adata.obs[split_key].astype(str).to_numpy() == split
-    if on.sum() < 3:
-        raise ValueError(
-            f"{int(on.sum())} spot(s) have `obs[{split_key!r}] == {split!r}`; the gene-wise weights (`spreads` above "
-            "0) rank the genes by their spatial structure there and need at least 3. Choose another "
-            "`structure_split=` (e.g. the slides the models trained on), or pass `spreads=(0,)`."
-        )
-    rows, truth, groups = scored_spots(adata, genes, on, split, split_key, true_layer, library_key)
-    W = spatial_connectivity(adata[rows], library_key=library_key, **graph)
-    _, index = _group_index(groups, rows.size)
-    per_slide = np.array([morans_i(truth[i], W[i][:, i]) for i in index])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a gene constant on every slide: NaN
-        mi = np.nanmean(per_slide, axis=0)
-    rank = np.full(len(genes), 0.5)
-    ok = np.isfinite(mi)
-    if ok.sum() >= 2:
-        rank[ok] = (pd.Series(mi[ok]).rank(method="average").to_numpy() - 1.0) / (ok.sum() - 1.0)
-    return pd.DataFrame({"morans_i": mi, "rank": rank}, index=pd.Index(genes, name="gene"))
-
-
-def _check_spreads(spreads: Any) -> list[float]:
-    """``spreads`` as sorted distinct floats, each finite and at least 0."""
-    if not _is_sequence(spreads) or len(spreads) == 0:
-        raise ValueError(f"`spreads` must be a non-empty sequence of numbers of at least 0, got {spreads!r}.")
-    out = set()
-    for v in spreads:
-        if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
-            raise TypeError(f"`spreads` must hold numbers (0: one weight for every gene), got {v!r}.")
-        if not np.isfinite(v) or v < 0:
-            raise ValueError(
-                f"`spreads` must hold finite numbers of at least 0 (0: one weight for every gene), got {v!r}."
-            )
-        out.add(float(v))
-    return sorted(out)
-
-
-def _is_sequence(value: Any) -> bool:
-    return isinstance(value, Sequence | np.ndarray) and not isinstance(value, str)
