@@ -322,6 +322,11 @@ def test_gene_wise_smoothing_averages_the_patterned_genes_more(helpers, tmp_path
     hf.tl.smooth_predictions(new, self_weight=weights, key_added="again")
     np.testing.assert_allclose(new.obsm["again"].to_numpy(), out)
     assert "self_weight" not in new.uns["again"] and new.uns["again"]["spread"] == 0.0
+    # the caller's weights are read, never changed (an integer-indexed copy keeps its index)
+    numbered = weights.reset_index(drop=True)
+    with pytest.raises(ValueError, match="no weight for 8 predicted gene"):
+        hf.tl.smooth_predictions(new, self_weight=numbered, key_added="numbered")
+    assert numbered.index.dtype.kind == "i" and "numbered" not in new.obsm
     # a mapping of gene -> weight does the same
     mapping = dict(zip(adata.var_names, gw["self_weight"], strict=True))
     hf.tl.smooth_predictions(new, self_weight=mapping, key_added="mapped")

@@ -41,8 +41,8 @@ def _check_weight(
 
 def _per_gene_weights(self_weight: Mapping[str, float] | pd.Series, genes: list[str]) -> np.ndarray:
     """Per-gene ``self_weight`` (a Series or mapping indexed by gene) as an array in ``genes``' order, checked."""
-    weights = pd.Series(dict(self_weight)) if not isinstance(self_weight, pd.Series) else self_weight
-    weights.index = weights.index.astype(str)
+    weights = self_weight.copy() if isinstance(self_weight, pd.Series) else pd.Series(dict(self_weight))
+    weights.index = weights.index.astype(str)  # on the copy: the caller's weights stay as they are
     if weights.index.duplicated().any():
         raise ValueError("`self_weight` names a gene twice; give one weight per gene.")
     missing = [g for g in genes if g not in weights.index]
