@@ -477,3 +477,26 @@ def test_public_namespace():
     assert hf.tl.metrics.pcc is M.pcc
     for name in M.__all__:
         assert hasattr(hf.tl.metrics, name)
+
+
+def test_structure_scorer_equals_gsc_and_ssc_for_every_candidate(helpers):
+    from histoflow.tl._metrics import _StructureScorer
+
+    adata = helpers.make(n_slides=3, grid=(6, 7), n_genes=9)
+    truth = adata.layers["log1p"].astype(np.float64)
+    lib = adata.obs["library_id"].astype(str).to_numpy()
+    truth[lib == "S1", 2] = 4.0  # a gene constant in truth on one slide
+    W = M.spatial_connectivity(adata)
+    score = _StructureScorer(truth, lib, W)
+    rng = np.random.default_rng(3)
+    for k in range(4):  # the truth's parts are reused across candidates
+        pred = truth + rng.normal(scale=0.5 + k, size=truth.shape)
+        pred[:, 5] = 1.0 if k == 1 else pred[:, 5]  # a constant predicted gene: left out as the metrics do
+        g, s = score(pred)
+        assert g == pytest.approx(M.gsc(truth, pred, groups=lib), abs=1e-12)
+        assert s == pytest.approx(M.ssc(truth, pred, W, groups=lib), abs=1e-12)
+    # one slide (no groups)
+    one = lib == "S0"
+    sub = M.spatial_connectivity(adata[one])
+    g, s = _StructureScorer(truth[one], None, sub)(pred[one])
+    assert (g, s) == pytest.approx((M.gsc(truth[one], pred[one]), M.ssc(truth[one], pred[one], sub)), abs=1e-12)

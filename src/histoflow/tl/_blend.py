@@ -14,7 +14,7 @@ from histoflow._docs import doc_params
 from histoflow._logging import logger
 from histoflow._utils import copy_data, get_table, log_write
 from histoflow._validate import check_positive
-from histoflow.tl._metrics import gsc, pcc, spatial_connectivity, ssc
+from histoflow.tl._metrics import _StructureScorer, pcc, spatial_connectivity
 from histoflow.tl._smooth import (
     _check_spreads,
     _check_weight,
@@ -321,7 +321,7 @@ def select_blend(
     graph = {
         "spatial_key": spatial_key, "coord_type": coord_type, "n_neighs": n_neighs, "technology_key": technology_key
     }  # fmt: skip
-    W = spatial_connectivity(view, library_key=library_key, **graph)
+    score = _StructureScorer(truth, groups, spatial_connectivity(view, library_key=library_key, **graph))  # GSC, SSC
     rank = None
     if any(spread > 0 for spread in ss):  # gene-wise weights: the genes' spatial structure on the training slides
         structure = _structure_rank(adata, genes, structure_split, split_key, true_layer, library_key, graph=graph)
@@ -331,7 +331,7 @@ def select_blend(
         for w in ws:
             wg = w if spread == 0 else _spread_weights(w, spread, rank)
             blend = wg * A[rows] + (1.0 - wg) * B[rows]
-            g, s_ = gsc(truth, blend, groups=groups), ssc(truth, blend, W, groups=groups)
+            g, s_ = score(blend)
             records.append(
                 {"weight": w, "spread": spread, "pcc": pcc(truth, blend, groups=groups), "gsc": g, "ssc": s_}
             )

@@ -745,6 +745,35 @@ def _pearson_valid(a: np.ndarray, b: np.ndarray) -> float:
     return float(r[0])
 
 
+class _StructureScorer:
+    """GSC and SSC (per slide, mean over slides) of many predictions of the same spots, the truth's parts computed once.
+
+    ``scorer(pred)`` equals ``(gsc(truth, pred, groups=groups), ssc(truth, pred, connectivity, groups=groups))``; a
+    selection that scores dozens of candidate predictions against one truth (``tl.select_smoothing``,
+    ``tl.select_blend``) pays for the truth's correlation matrices and Moran's I once.
+    """
+
+    def __init__(self, truth: np.ndarray, groups: Any, connectivity: sp.spmatrix) -> None:
+        truth = np.asarray(truth, dtype=np.float64)
+        W = _check_connectivity(connectivity, truth.shape[0])
+        _, self.index = _group_index(groups, truth.shape[0])
+        self.parts = []
+        for i in self.index:
+            t, sub = truth[i], (W if i.size == truth.shape[0] else W[i][:, i])
+            self.parts.append((_scatter(t, t.mean(axis=0)), np.ptp(t, axis=0) > 0, morans_i(t, sub), sub))
+        self.cols = np.arange(truth.shape[1])
+
+    def __call__(self, pred: np.ndarray) -> tuple[float, float]:
+        pred = np.asarray(pred, dtype=np.float64)
+        g, s = [], []
+        for i, (St, varies, I_true, sub) in zip(self.index, self.parts, strict=True):
+            p = pred[i]
+            valid = varies & (np.ptp(p, axis=0) > 0)
+            g.append(_gsc_from_scatter(St, _scatter(p, p.mean(axis=0)), valid, self.cols)[0])
+            s.append(_pearson_valid(I_true, morans_i(p, sub)))
+        return _mean_valid(np.array(g)), _mean_valid(np.array(s))
+
+
 def _technology_grid(technology: str) -> tuple[str, int]:
     tech = str(technology).strip().lower()
     if tech in HEX_GRID_TECHNOLOGIES:

@@ -16,7 +16,14 @@ from histoflow._logging import logger
 from histoflow._utils import copy_data, get_table, log_write
 from histoflow._validate import check_obs_key, check_obsm_key, check_positive
 from histoflow.tl._evaluate import _dense_rows, _truth
-from histoflow.tl._metrics import _check_connectivity, _group_index, gsc, morans_i, pcc, spatial_connectivity, ssc
+from histoflow.tl._metrics import (
+    _check_connectivity,
+    _group_index,
+    _StructureScorer,
+    morans_i,
+    pcc,
+    spatial_connectivity,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -522,10 +529,10 @@ def select_smoothing(
     rows, truth, groups = scored_spots(adata, genes, predicted, split, split_key, true_layer, library_key)
     graph = {"library_key": library_key, "spatial_key": spatial_key, "coord_type": coord_type, "n_neighs": n_neighs}
     G = _graph(adata, connectivity_key, technology_key=technology_key, **graph)
-    W = G[rows][:, rows]  # SSC's graph: the smoothing's, on the scored spots
-    structure = None
+    score = _StructureScorer(truth, groups, G[rows][:, rows])  # GSC and SSC (on the smoothing's graph)
+    ranks = None
     if any(spread > 0 for spread in spread_list):  # gene-wise weights: the genes' spatial structure
-        structure = _structure_rank(adata, genes, structure_split, split_key, true_layer, library_key, connectivity=G)
+        ranks = _structure_rank(adata, genes, structure_split, split_key, true_layer, library_key, connectivity=G)
     records = []
     for r in rings:
         neighbours = neighbour_mean(values, G if r == 1 else within_rings(G, r))  # once per ring count
@@ -533,11 +540,12 @@ def select_smoothing(
             for w in weights:
                 if w == 1.0 and spread == 0 and r != rings[0]:  # no smoothing: the same for every ring count
                     continue
-                wg = w if spread == 0 else _spread_weights(w, -spread, structure["rank"].to_numpy())
+                wg = w if spread == 0 else _spread_weights(w, -spread, ranks["rank"].to_numpy())
                 smoothed = _blend(values, neighbours, wg)[0][rows]
+                g, s_ = score(smoothed)
                 records.append({
                     "self_weight": w, "n_rings": r, "spread": spread, "pcc": pcc(truth, smoothed, groups=groups),
-                    "gsc": gsc(truth, smoothed, groups=groups), "ssc": ssc(truth, smoothed, W, groups=groups),
+                    "gsc": g, "ssc": s_,
                 })  # fmt: skip
     sweep = pd.DataFrame(records)
     sweep["structure"] = sweep[["gsc", "ssc"]].mean(axis=1, skipna=False)
@@ -557,9 +565,9 @@ def select_smoothing(
         "tolerance": float(tolerance),
         "split": split,
     }
-    if structure is not None:
+    if ranks is not None:
         record["structure_split"] = structure_split
-        record["gene_structure"] = structure
+        record["gene_structure"] = ranks
     adata.uns[f"{pred_key}_smoothing"] = record
     log_write("uns", f"{pred_key}_smoothing")
     logger.info(
