@@ -535,13 +535,14 @@ def select_smoothing(
         ranks = _structure_rank(adata, genes, structure_split, split_key, true_layer, library_key, connectivity=G)
     records = []
     for r in rings:
-        neighbours = neighbour_mean(values, G if r == 1 else within_rings(G, r))  # once per ring count
+        nb, count = neighbour_mean(values, G if r == 1 else within_rings(G, r))  # once per ring count
+        scored = (values[rows], (nb[rows], count[rows]))  # _blend is row by row: only the scored spots
         for spread in spread_list:
             for w in weights:
                 if w == 1.0 and spread == 0 and r != rings[0]:  # no smoothing: the same for every ring count
                     continue
                 wg = w if spread == 0 else _spread_weights(w, -spread, ranks["rank"].to_numpy())
-                smoothed = _blend(values, neighbours, wg)[0][rows]
+                smoothed = _blend(*scored, wg)[0]
                 g, s_ = score(smoothed)
                 records.append({
                     "self_weight": w, "n_rings": r, "spread": spread, "pcc": pcc(truth, smoothed, groups=groups),
