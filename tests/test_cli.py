@@ -239,6 +239,60 @@ def test_zarr_chain_fit_predict_evaluate(embedded, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--output", str(tmp_path / "bad.zarr"), "--smooth", "1.5"])
     assert "expected a weight between 0 and 1, got '1.5'" in capsys.readouterr().err
+    # --smooth-spread: one weight per gene, the genes ranked by Moran's I of their measured expression on the train
+    # spots; the same numbers and weights as the API
+    genes_out = tmp_path / "genes.zarr"
+    assert main([*args, "--output", str(genes_out), "--smooth", "0.6", "--smooth-spread", "1"]) == 0
+    tg = _read(genes_out)
+    ref = hf.tl.smooth_predictions(tp, pred_key="point", self_weight=0.6, spread=1.0, copy=True)
+    stored = tg.uns["point_smoothed"]["gene_weights"]
+    pd.testing.assert_frame_equal(stored, ref.uns["point_smoothed"]["gene_weights"], check_exact=False, rtol=1e-6)
+    assert tg.uns["point_smoothed"]["spread"] == 1.0 and tg.uns["point_smoothed"]["structure_split"] == "train"
+    assert stored["self_weight"].nunique() > 1  # the genes differ
+    np.testing.assert_allclose(tg.obsm["point_smoothed"].to_numpy(), ref.obsm["point_smoothed"].to_numpy(), rtol=1e-6)
+    # --smooth-weights: those weights from a CSV (as to_csv writes them) smooth a slide without measured expression
+    # the same way
+    weights_csv = tmp_path / "gene_weights.csv"
+    stored.to_csv(weights_csv)
+    bare = tmp_path / "bare.h5ad"
+    h = tp.copy()
+    del h.layers["log1p"]
+    h.X = np.zeros(h.shape, dtype=np.float32)
+    h.obs["split"] = "test"
+    h.write_h5ad(bare)
+    weighted = tmp_path / "weighted.h5ad"
+    wargs = ["predict", str(bare), "--model-dir", str(model), "--temperature", "0", "--key-added", "point", "-q"]
+    assert main([*wargs, "--output", str(weighted), "--smooth-weights", str(weights_csv)]) == 0
+    tw = _read(weighted)
+    np.testing.assert_allclose(tw.obsm["point_smoothed"].to_numpy(), tg.obsm["point_smoothed"].to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(tw.uns["point_smoothed"]["gene_weights"]["self_weight"], stored["self_weight"])
+    # the spread needs measured expression: a library error (status 1), nothing written
+    capsys.readouterr()
+    assert main([*wargs, "--output", str(tmp_path / "no.h5ad"), "--smooth", "0.6", "--smooth-spread", "1"]) == 1
+    assert "histoflow predict: error:" in capsys.readouterr().err and not (tmp_path / "no.h5ad").exists()
+    # a weight for a gene the model does not predict missing: status 1 naming the gene, nothing written
+    stored.iloc[1:].to_csv(tmp_path / "short.csv")
+    assert main([*wargs, "--output", str(tmp_path / "no.h5ad"), "--smooth-weights", str(tmp_path / "short.csv")]) == 1
+    assert repr(str(stored.index[0])) in capsys.readouterr().err and not (tmp_path / "no.h5ad").exists()
+    # argument errors: status 2, the option and the fix named
+    (tmp_path / "nocol.csv").write_text("gene,weight\nA,0.5\n")
+    (tmp_path / "nan.csv").write_text("gene,self_weight\nA,high\n")
+    (tmp_path / "twice.csv").write_text("gene,self_weight\nA,0.5\nA,0.6\n")
+    bad = {
+        ("--smooth-spread", "1"): "argument --smooth-spread: needs --smooth WEIGHT",
+        ("--smooth", "0.5", "--smooth-split", "val"): "argument --smooth-split: applies only with --smooth-spread",
+        ("--smooth", "0.5", "--smooth-spread", "-1"): "expected a non-negative number, got '-1'",
+        ("--smooth-weights", str(weights_csv), "--smooth", "0.5"): "argument --smooth: not allowed with --smooth-weig",
+        ("--smooth-weights", str(tmp_path / "none.csv")): "none.csv' is not a file",
+        ("--smooth-weights", str(tmp_path / "nocol.csv")): "has no self_weight column (columns: ['weight'])",
+        ("--smooth-weights", str(tmp_path / "nan.csv")): "self_weight that is not a number for gene 'A'",
+        ("--smooth-weights", str(tmp_path / "twice.csv")): "gives gene 'A' twice",
+    }
+    for extra, message in bad.items():
+        with pytest.raises(SystemExit) as e:
+            main([*wargs, "--output", str(tmp_path / "no.h5ad"), *extra])
+        assert e.value.code == 2 and message in capsys.readouterr().err, extra
+    assert not (tmp_path / "no.h5ad").exists()
 
     # evaluate: printed table, CSV with every row
     csv = tmp_path / "metrics.csv"

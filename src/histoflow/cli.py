@@ -101,6 +101,7 @@ def _number(cast: type, what: str, ok: Any = None) -> Any:
 _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _number(float, "a positive number", lambda v: 0 < v < float("inf"))
+_non_negative_float = _number(float, "a non-negative number", lambda v: 0 <= v < float("inf"))
 _fraction = _number(float, "a number")
 _unit_weight = _number(float, "a weight between 0 and 1", lambda v: 0 <= v <= 1)
 
@@ -519,6 +520,56 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gene_weights_file(parser: argparse.ArgumentParser, text: str) -> pd.Series:
+    """The per-gene smoothing weights of ``--smooth-weights``: column ``self_weight`` of a CSV indexed by gene."""
+    import pandas as pd
+
+    option = "argument --smooth-weights"
+    path = Path(text)
+    if not path.is_file():
+        parser.error(f"{option}: {text!r} is not a file; give a CSV with a gene column and a self_weight column")
+    try:
+        table = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)  # gene names as written ("NA" too)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        parser.error(f"{option}: {text!r} could not be read as CSV ({e})")
+    if "self_weight" not in table.columns:
+        parser.error(
+            f"{option}: {text!r} has no self_weight column (columns: {list(table.columns)}); write it with "
+            "adata.uns['<key>_smoothed']['gene_weights'].to_csv(FILE), or as two columns gene,self_weight"
+        )
+    weights = pd.to_numeric(table["self_weight"], errors="coerce")
+    bad = weights.index[weights.isna()]
+    if len(bad):
+        parser.error(f"{option}: {text!r} has a self_weight that is not a number for gene {bad[0]!r}; fix the file")
+    if weights.index.duplicated().any():
+        gene = weights.index[weights.index.duplicated()][0]
+        parser.error(f"{option}: {text!r} gives gene {gene!r} twice; keep one weight per gene")
+    return weights.astype(float)
+
+
+def _smoothing(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Keyword arguments of ``tl.smooth_predictions`` from the ``--smooth*`` options, or ``None`` for no smoothing."""
+    if args.smooth_weights is not None:
+        for option, value in (("--smooth", args.smooth), ("--smooth-spread", args.smooth_spread)):
+            if value is not None:
+                parser.error(
+                    f"argument {option}: not allowed with --smooth-weights (the file gives every gene its weight); "
+                    "give one or the other"
+                )
+        return {"self_weight": _gene_weights_file(parser, args.smooth_weights)}
+    if args.smooth is None and args.smooth_spread is not None:
+        parser.error("argument --smooth-spread: needs --smooth WEIGHT (the weight the spread is centred on)")
+    if args.smooth_split is not None and args.smooth_spread is None:
+        parser.error("argument --smooth-split: applies only with --smooth-spread (its spots rank the genes)")
+    if args.smooth is None:
+        return None
+    kw: dict[str, Any] = {"self_weight": args.smooth}
+    if args.smooth_spread is not None:
+        default = api_defaults()["smooth_predictions"]["structure_split"]
+        kw.update(spread=args.smooth_spread, structure_split=args.smooth_split or default)
+    return kw
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     import histoflow as hf
 
@@ -526,6 +577,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     inp = _input_path(parser, args.input)
     out = _output_path(parser, inp, args.output, "predict", args.overwrite)
     kind = _model_kind(parser, args.model_dir)
+    smoothing = _smoothing(parser, args)
     if kind != "molf":
         molf_only = {
             "--steps": args.steps,
@@ -562,11 +614,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         cls = MLPBaseline if kind == "mlp" else RidgeProbe
         hf.tl.predict(cls.load(args.model_dir), data, table_key=args.table_key, key_added=args.key_added or kind)
-    if args.smooth is not None:  # then each spot averaged with its spatial neighbours, under <key>_smoothed
+    if smoothing is not None:  # then each spot averaged with its spatial neighbours, under <key>_smoothed
         key = args.key_added or d["key_added"] or kind
-        hf.tl.smooth_predictions(
-            data, pred_key=key, self_weight=args.smooth, n_rings=args.smooth_rings, table_key=args.table_key
-        )
+        hf.tl.smooth_predictions(data, pred_key=key, n_rings=args.smooth_rings, table_key=args.table_key, **smoothing)
     write_atomic(data, out, overwrite=args.overwrite)
     return 0
 
@@ -1100,7 +1150,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--smooth-rings",
         type=_positive_int,
         default=d["smooth_predictions"]["n_rings"],
-        help="with --smooth: rings of neighbours (1: the grid's neighbours, 2: also theirs)",
+        help="with --smooth or --smooth-weights: rings of neighbours (1: the grid's neighbours, 2: also theirs)",
+    )
+    p.add_argument(
+        "--smooth-spread",
+        type=_non_negative_float,
+        default=None,
+        metavar="SPREAD",
+        help="with --smooth WEIGHT: one weight per gene, WEIGHT - SPREAD x (rank - 1/2) clipped to [0, 1], the genes "
+        "ranked by the spatial autocorrelation (Moran's I) of their measured expression on the --smooth-split spots: "
+        "patterned genes are averaged more (e.g. --smooth 0.7 --smooth-spread 1); stored under "
+        "uns['<key>_smoothed']['gene_weights']",
+    )
+    p.add_argument(
+        "--smooth-split",
+        default=None,
+        metavar="SPLIT",
+        help="with --smooth-spread: the obs['split'] value of the spots whose measured expression ranks the genes "
+        f"(default {d['smooth_predictions']['structure_split']})",
+    )
+    p.add_argument(
+        "--smooth-weights",
+        default=None,
+        metavar="CSV",
+        help="smooth with one weight per gene from a file (a gene column and a self_weight column, as "
+        "uns['<key>_smoothed']['gene_weights'].to_csv(CSV) writes them): a slide without measured expression "
+        "smoothed as a former gene-wise run; instead of --smooth",
     )
     p.set_defaults(func=_cmd_predict, parser=p)
 
