@@ -381,3 +381,25 @@ def test_select_blend_bad_input_names_the_argument_and_writes_nothing(helpers, k
     with pytest.raises(error, match=match):
         hf.tl.select_blend(adata, **kwargs)
     assert (set(adata.obsm), set(adata.layers), set(adata.uns)) == before
+
+
+def test_written_predictions_share_the_identity_of_obs_names(helpers):
+    # anndata compares every obsm DataFrame's index with obs_names at each `adata.obsm` access; an index sharing the
+    # identity of obs_names (a view) answers at once, a copy compares every name (the prediction speed benchmark)
+    from histoflow.tl._write import write_predictions
+
+    adata = helpers.make(n_slides=2, grid=(4, 5), n_genes=4)
+    adata.obs_names.name = "spot"
+    rng = np.random.default_rng(0)
+    genes = list(adata.var_names)
+    write_predictions(adata, "a", rows=np.arange(adata.n_obs), genes=genes, mean=rng.normal(size=(adata.n_obs, 4)))
+    write_predictions(adata, "b", rows=np.arange(adata.n_obs), genes=genes, mean=rng.normal(size=(adata.n_obs, 4)))
+    hf.tl.smooth_predictions(adata, pred_key="a")
+    hf.tl.blend_predictions(adata, {"a_smoothed": 1, "b": 1})
+    for key in ("a", "b", "a_smoothed", "blend"):
+        index = adata.obsm[key].index
+        assert index.is_(adata.obs_names) and index.equals(adata.obs_names), key
+    adata.obsm["blend"].index.name = "other"  # a view: renaming it leaves obs_names alone
+    assert adata.obs_names.name == "spot"
+    copied = hf.tl.smooth_predictions(adata, pred_key="b", copy=True)
+    assert copied.obsm["b_smoothed"].index.is_(copied.obs_names) and "b_smoothed" not in adata.obsm

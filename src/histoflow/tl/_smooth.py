@@ -263,6 +263,7 @@ def _write(table: AnnData, key: str, frame: pd.DataFrame, params: dict[str, Any]
     ``obsm[key]``, ``layers[key]`` when the table's var names are the frame's genes, and ``uns[key] = params``
     (without None values: h5ad cannot store them).
     """
+    frame.index = table.obs_names.view()  # the same names; a view keeps each `table.obsm` access fast (_write.py)
     table.obsm[key] = frame
     log_write("obsm", key)
     if list(table.var_names) == [str(c) for c in frame.columns]:
