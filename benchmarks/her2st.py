@@ -9,7 +9,7 @@
                                 [--panel-with-validation] [--smooth [--smooth-genes W:S [W:S ...]]
                                 [--select-smoothing T [T ...] [--smoothing-spreads S [S ...]]]]
                                 [--blend W[:S] [W[:S] ...]]
-                                [--select-blend T [T ...] [--blend-spreads S [S ...]]]
+                                [--select-blend T [T ...] [--blend-spreads S [S ...]]] [--refit]
                                 [--quick] [--threads 2] [--accelerator cpu|gpu]
                                 [--stage-one] [--csv results.csv]
     python benchmarks/her2st.py --hest-bench DIR --task IDC [--encoder uni_v1] [--features DIR]
@@ -56,7 +56,10 @@ weights, ``clip(0.5 + 1 × (r − 1/2), 0, 1)`` for the gene of rank ``r`` by Mo
 ``--select-blend 0 0.01`` with the weight ``tl.select_blend`` chooses on the fold's validation section (the most
 structure, mean of GSC and SSC, among the weights whose validation PCC is at most ``T`` below the best;
 ``--blend-spreads 0 0.5 1 1.5 2`` adds rows with gene-wise weights, the genes ranked by their Moran's I on the training
-sections); each MoLF fit prints the training
+sections); ``--refit`` (with ``--api``) then refits every model on the validation section too (``MoLF.refit``: each
+stage for the epochs at which its validation loss was best; the probe and the MLP fitted again on the four sections)
+and scores every row again with the choices made on the validation section before (guidance, smoothing, blend; rows
+``…_refit``, their fit time the two fits'); each MoLF fit prints the training
 time and epochs of its stages. Every method is scored on the test section with ``tl.evaluate``: PCC (per gene over
 the test section's spots, mean over genes), PCC@10, MSE, MAE, RVD, GSC, SSC (Moran's I on the ST grid), per-spot
 1-Wasserstein and cosine distance, and spatial domains (k-means on PCA, ARI/NMI against the domains of the truth).
@@ -78,6 +81,7 @@ import logging
 import os
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +116,8 @@ METHOD_LABELS = {
     "mlp": "MLP",
     "ridge": "ridge (HEST probe)",
 }
+#: ``--api``: each MoLF variant's fitted members of the current fold (``--refit`` fits them again).
+FITTED: dict[str, list] = {}
 #: Spreads of the gene-wise smoothing weights that ``--select-smoothing`` tries (``--smoothing-spreads``).
 SMOOTH_SPREADS = [0.0, 0.5, 1.0, 1.5]
 MOLF_VARIANTS = {
@@ -272,6 +278,7 @@ def _fit_molf_api(sdata, table, method: str, args: argparse.Namespace) -> tuple[
         antithetic=args.antithetic, seed=args.seed, key_added=key, train_kwargs=train_kwargs, **cfg,
     )  # fmt: skip
     fit_s = time.perf_counter() - t
+    FITTED[method] = models  # --refit: fitted again after the rows' choices
     for i, model in enumerate(models):
         print(f"    {method} (seed {args.seed + i}, api): {_stage_times(model, shared=False)}, guidance "
               f"{model.config.guidance:g}", flush=True)  # fmt: skip
@@ -515,6 +522,8 @@ def print_table(results: pd.DataFrame, panel: str, gene_set: str, title: str, en
 
 def _row_label(method: str, ensemble: int) -> str:
     """The table label of a row: the method's, then what the row changes (draws, members, smoothing)."""
+    if method.endswith("_refit"):
+        return f"{_row_label(method[: -len('_refit')], ensemble)}, refitted with the validation section"
     base, sep, weight = method.rpartition("_ridge")
     if sep and base and _is_weight(weight):
         return f"{_row_label(base, ensemble)}, blended with the ridge probe (MoLF weight {weight})"
@@ -556,6 +565,7 @@ def smoothed_rows(
     gene_wise: list[tuple[float, float]] | None = None,
     tolerances: list[float] | None = None,
     spreads: list[float] | None = None,
+    replay: list | None = None,
 ) -> list[str]:
     """``--smooth``: ``bench_{row}`` smoothed with ``tl.smooth_predictions``' defaults (row ``{row}_sm``) and, with
     ``choose``, with the weight and rings ``tl.select_smoothing`` chooses on the fold's validation section
@@ -563,7 +573,8 @@ def smoothed_rows(
     the gene of rank ``r`` by Moran's I on the training sections (``{row}_smg{W}s{S}``); ``--select-smoothing T``
     (with ``choose``): with the weight, rings and spread (each of ``spreads``) ``tl.select_smoothing`` chooses on the
     validation section with PCC tolerance ``T`` (``{row}_smgsel{T}``). Their prediction times add the smoothing's to
-    the row's (a row without its own time keeps the fold's)."""
+    the row's (a row without its own time keeps the fold's). Each row's smoothing, with the weight, rings and spread
+    chosen, is appended to ``replay`` (``--refit``: the same smoothing of the refitted model's predictions)."""
     table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata
     plans = [("sm", {}, None)] + ([("smsel", {}, 0.0)] if choose else [])
     plans += [(f"smg{w:g}s{s:g}", {"self_weight": w, "spread": s}, None) for w, s in gene_wise or []]
@@ -578,7 +589,12 @@ def smoothed_rows(
             kw = {k: chosen[k] for k in ("self_weight", "n_rings", "spread")}
             print(f"    {row}: smoothing chosen on the validation section (PCC tolerance {tol:g}): self weight "
                   f"{kw['self_weight']:g}, {kw['n_rings']} ring(s), spread {kw['spread']:g}", flush=True)  # fmt: skip
-        hf.tl.smooth_predictions(sdata, pred_key=f"bench_{row}", key_added=f"bench_{row}_{suffix}", **kw)
+        smooth = partial(
+            hf.tl.smooth_predictions, sdata, pred_key=f"bench_{row}", key_added=f"bench_{row}_{suffix}", **kw
+        )
+        smooth()
+        if replay is not None:
+            replay.append(smooth)
         if row in times:
             times[f"{row}_{suffix}"] = times[row] + time.perf_counter() - t
         out.append(f"{row}_{suffix}")
@@ -593,30 +609,44 @@ def _is_weight(text: str) -> bool:
         return False
 
 
-def blended_rows(sdata, row: str, weights: list[float | tuple[float, float]], times: dict) -> list[str]:
+def blended_rows(
+    sdata, row: str, weights: list[float | tuple[float, float]], times: dict, replay: list | None = None
+) -> list[str]:
     """``--blend``: ``bench_{row}`` blended with the ridge probe's ``bench_ridge`` by ``tl.blend_predictions``,
     ``W`` × the row's prediction + (1 − ``W``) × the probe's for each ``W`` of ``weights`` (row ``{row}_ridge{W}``);
     for ``(W, S)``, gene-wise weights ``clip(W + S × (r − 1/2), 0, 1)`` with ``r`` the genes' rank by Moran's I on the
     training sections (``tl.select_blend`` with that one pair, so nothing is chosen; row ``{row}_ridge{W}s{S}``); their
-    prediction times add the blend's to the row's (a row without its own time keeps the fold's)."""
-    table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata
+    prediction times add the blend's to the row's (a row without its own time keeps the fold's). Each blend is
+    appended to ``replay`` (``--refit``)."""
     out = []
     for w in weights:
         t = time.perf_counter()
-        if isinstance(w, tuple):
-            (w, spread), name = w, f"{row}_ridge{w[0]:g}s{w[1]:g}"
-            hf.tl.select_blend(
-                sdata, pred_key=f"bench_{row}", other_key="bench_ridge", weights=(w,), spreads=(spread,),
-                split="train", key_added=f"bench_{name}",
-            )  # fmt: skip
-            blend = table.uns[f"bench_{name}_selection"]["weights"]
-        else:
-            name, blend = f"{row}_ridge{w:g}", {f"bench_{row}": w, "bench_ridge": 1.0 - w}
-        hf.tl.blend_predictions(sdata, blend, key_added=f"bench_{name}")
+        name = f"{row}_ridge{w[0]:g}s{w[1]:g}" if isinstance(w, tuple) else f"{row}_ridge{w:g}"
+        blend = partial(_blend_with_probe, sdata, row, name, w)
+        blend()
+        if replay is not None:
+            replay.append(blend)
         if row in times:
             times[name] = times[row] + time.perf_counter() - t
         out.append(name)
     return out
+
+
+def _blend_with_probe(sdata, row: str, name: str, w: float | tuple[float, float]) -> None:
+    """``obsm[f"bench_{name}"]``: ``bench_{row}`` blended with ``bench_ridge``, MoLF's weight ``w``, or for
+    ``(w, spread)`` gene-wise weights from the genes' Moran's I on the training sections (``tl.select_blend`` with that
+    one pair)."""
+    if isinstance(w, tuple):
+        table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata
+        (w, spread) = w
+        hf.tl.select_blend(
+            sdata, pred_key=f"bench_{row}", other_key="bench_ridge", weights=(w,), spreads=(spread,), split="train",
+            key_added=f"bench_{name}",
+        )  # fmt: skip
+        blend = table.uns[f"bench_{name}_selection"]["weights"]
+    else:
+        blend = {f"bench_{row}": w, "bench_ridge": 1.0 - w}
+    hf.tl.blend_predictions(sdata, blend, key_added=f"bench_{name}")
 
 
 def _smooth_pair(value: str) -> tuple[float, float]:
@@ -645,12 +675,18 @@ def _tolerance(value: str) -> float:
 
 
 def selected_blend_rows(
-    sdata, row: str, tolerances: list[float], times: dict, spreads: list[float] | None = None
+    sdata,
+    row: str,
+    tolerances: list[float],
+    times: dict,
+    spreads: list[float] | None = None,
+    replay: list | None = None,
 ) -> list[str]:
     """``--select-blend``: ``bench_{row}`` blended with the ridge probe's ``bench_ridge`` with the weight
     ``tl.select_blend`` chooses on the fold's validation section with each PCC tolerance of ``tolerances`` (row
     ``{row}_ridgesel{T}``); with ``spreads`` (``--blend-spreads``) also with gene-wise weights, every spread tried
-    (row ``{row}_ridgegene{T}``); prediction times as in :func:`blended_rows`."""
+    (row ``{row}_ridgegene{T}``); prediction times as in :func:`blended_rows`. The blend with the chosen weight and
+    spread is appended to ``replay`` (``--refit``: the genes ranked again on the training sections then)."""
     table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata
     out = []
     for tol in tolerances:
@@ -667,6 +703,9 @@ def selected_blend_rows(
             hf.tl.blend_predictions(sdata, chosen["weights"], key_added=f"bench_{name}")
             print(f"    {row}: blend chosen on the validation section (PCC tolerance {tol:g}): MoLF weight "
                   f"{chosen['weight']:g}, spread {chosen['spread']:g}", flush=True)  # fmt: skip
+            if replay is not None:
+                pair = (chosen["weight"], chosen["spread"]) if chosen["spread"] > 0 else chosen["weight"]
+                replay.append(partial(_blend_with_probe, sdata, row, name, pair))
             if row in times:
                 times[name] = times[row] + time.perf_counter() - t
             out.append(name)
@@ -703,7 +742,7 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
             genes = select_panel(sdata, panel, gmt, args.panel_with_validation)  # the fold's training sections
             if args.no_validation:  # then the validation section trains too
                 table.obs["split"] = pd.Categorical(table.obs["split"].astype(str).replace("val", "train"))
-            fit_times = {}
+            fit_times, replay, scored = {}, [], []  # --refit: the rows' post-processing and the rows, in order
             for method in args.methods:
                 fit_s, pred_s = fit_method(sdata, method, args, extra)
                 fit_times[method] = fit_s
@@ -720,27 +759,79 @@ def run_her2st(args: argparse.Namespace) -> pd.DataFrame:
                 if args.smooth:  # every row again, averaged with its spatial neighbours
                     choose = not args.no_validation  # no validation section: nothing chosen
                     smooth = (args.smooth_genes, args.select_smoothing, args.smoothing_spreads)
-                    rows += [row for base in list(rows) for row in smoothed_rows(sdata, base, row_s, choose, *smooth)]
+                    rows += [
+                        row
+                        for base in list(rows)
+                        for row in smoothed_rows(sdata, base, row_s, choose, *smooth, replay=replay)
+                    ]
                 if (args.blend or args.select_blend) and method in MOLF_VARIANTS:  # every MoLF row again, blended
                     for base in list(rows):  # each blend's fit time: its row's (a student's own) + the probe's
-                        blends = blended_rows(sdata, base, args.blend or [], row_s)
-                        blends += selected_blend_rows(sdata, base, args.select_blend or [], row_s, args.blend_spreads)
+                        blends = blended_rows(sdata, base, args.blend or [], row_s, replay)
+                        blends += selected_blend_rows(
+                            sdata, base, args.select_blend or [], row_s, args.blend_spreads, replay
+                        )
                         for row in blends:
                             row_fit_s[row] = row_fit_s.get(base, fit_s) + fit_times["ridge"]
                             rows.append(row)
                 for row in rows:
-                    vals = score(sdata, row)
-                    for (gs, m), v in vals.items():
-                        records.append((test, panel, row, gs, m, v, row_fit_s.get(row, fit_s), row_s.get(row, pred_s)))
-                    print(
-                        f"  fold {test} {panel} ({len(genes)} genes) {row}: PCC {vals.get(('all', 'pcc'), np.nan):.3f}"
-                        f" GSC {vals.get(('all', 'gsc'), np.nan):.3f} SSC {vals.get(('all', 'ssc'), np.nan):.3f}"
-                        f" fit {row_fit_s.get(row, fit_s):.0f} s",
-                        flush=True,
-                    )
+                    scored.append((row, method, row_fit_s.get(row, fit_s), row_s.get(row, pred_s)))
+                    records += _scored(sdata, row, test, panel, len(genes), *scored[-1][2:])
+            if args.refit:  # every model again on the validation section too, every row with the same choices
+                refit_s = refit_fold(sdata, args, extra, replay)
+                for row, method, fit_s, pred_s in scored:
+                    extra_s = refit_s[method] + (refit_s.get("ridge", 0.0) if "_ridge" in row else 0.0)
+                    records += _scored(sdata, row, test, panel, len(genes), fit_s + extra_s, pred_s, "_refit")
     return pd.DataFrame.from_records(
         records, columns=["fold", "panel", "method", "gene_set", "metric", "value", "fit_s", "predict_s"]
     )
+
+
+def _scored(sdata, row: str, test: str, panel: str, n_genes: int, fit_s: float, pred_s: float, suffix: str = ""):
+    """The records of ``row`` scored on the test section (the row named ``row + suffix``), and its line printed."""
+    vals = score(sdata, row)
+    name = row + suffix
+    print(
+        f"  fold {test} {panel} ({n_genes} genes) {name}: PCC {vals.get(('all', 'pcc'), np.nan):.3f}"
+        f" GSC {vals.get(('all', 'gsc'), np.nan):.3f} SSC {vals.get(('all', 'ssc'), np.nan):.3f} fit {fit_s:.0f} s",
+        flush=True,
+    )
+    return [(test, panel, name, gs, m, v, fit_s, pred_s) for (gs, m), v in vals.items()]
+
+
+def refit_fold(sdata, args: argparse.Namespace, extra, replay: list) -> dict[str, float]:
+    """``--refit``: the fold's validation section becomes a training section; the baselines are fitted again (the MLP
+    without early stopping), each MoLF variant's members are refitted (``MoLF.refit``: each stage for the epochs at
+    which its validation loss was best, their guidance kept) and predict every row of the fold again
+    (``bench_{method}``, ``--draws`` rows); then ``replay`` repeats every smoothing and blend with the weights chosen
+    on the validation section before. The split is restored after. Returns each method's refit seconds."""
+    table = sdata.tables["table"] if hasattr(sdata, "tables") else sdata
+    split = table.obs["split"].copy()
+    table.obs["split"] = pd.Categorical(split.astype(str).replace("val", "train"))
+    seconds = {}
+    try:
+        for method in args.methods:
+            t = time.perf_counter()
+            if method in ("mlp", "ridge"):
+                fit_method(sdata, method, argparse.Namespace(**{**vars(args), "no_validation": True}), extra)
+            else:
+                models = FITTED[method]
+                for model in models:
+                    model.refit()
+                print(f"    {method} refitted: {_stage_times(models[0], shared=False)}", flush=True)
+                device = accelerator_device(args.accelerator)
+                sampling = {"temperature": args.temperature, "seed": args.seed, "device": device}
+                hf.tl.predict(models, sdata, n_samples=args.n_samples, antithetic=args.antithetic, **sampling,
+                              key_added=f"bench_{method}")  # fmt: skip
+                if args.ensemble > 1:
+                    hf.tl.predict(models[0], sdata, n_samples=args.n_samples, antithetic=args.antithetic, **sampling,
+                                  key_added=f"bench_{method}_member")  # fmt: skip
+                _predict_rows(models, sdata, draw_rows(method, args.draws), sampling, {})
+            seconds[method] = time.perf_counter() - t
+        for step in replay:
+            step()
+    finally:
+        table.obs["split"] = split
+    return seconds
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1025,6 +1116,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         metavar="S",
         help=f"with --select-smoothing: the gene-wise spreads it tries (default {' '.join(map(str, SMOOTH_SPREADS))})",
     )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="with --api: after each fold's rows, refit every model on the validation section too (MoLF.refit: each "
+        "stage for its best epochs, the guidance kept; the baselines fitted again) and score every row again with the "
+        "smoothing and blend weights chosen on the validation section before (rows …_refit)",
+    )
     p.add_argument("--vae-extra", action="store_true", help="train Stage I also on the count-only sections")
     p.add_argument(
         "--stage-one",
@@ -1078,6 +1176,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.molf_train.get("refit") and args.select_guidance:
         p.error("argument --set refit=true: add --no-guidance-selection (after the refit the validation section is a "
                 "training section, so filter-and-rank on it would score training data)")  # fmt: skip
+    if args.refit and (not args.api or args.no_validation or args.hest_bench or args.molf_train.get("refit")):
+        p.error("argument --refit: needs --api and the validation section (drop --no-validation and --set refit=true; "
+                "HER2ST mode only)")  # fmt: skip
+    if args.refit and args.distil is not None:
+        p.error("argument --refit: not with --distil (the student is not refitted); drop one of them")
     if args.distil is not None and not (args.api and args.ensemble > 1 and 0 <= args.distil <= 1):
         p.error(f"argument --distil: needs --api and --ensemble N with N of at least 2, and W between 0 and 1 (got "
                 f"{args.distil:g})")  # fmt: skip

@@ -643,3 +643,66 @@ def test_blend_rows_mix_each_molf_row_with_the_ridge_probe_fitted_with_an_interc
         with pytest.raises(SystemExit):
             harness.main(argv)
         assert match in capsys.readouterr().err
+
+
+def test_refit_rows_refit_every_model_and_repeat_the_choices_made_on_validation(tmp_path, capsys):
+    import histoflow as hf
+
+    harness, table, args = _fit_setup(tmp_path, api=True, draws=["t0"], methods=["ridge", "molf"], select_blend=[0.0])
+    split = table.obs["split"].copy()
+    harness.fit_method(table, "ridge", args, None)
+    harness.fit_method(table, "molf", args, None)
+    replay = []
+    rows = harness.smoothed_rows(table, "molf_t0", {}, True, [(0.5, 1.0)], [0.0], [0.0, 1.0], replay=replay)
+    assert rows == ["molf_t0_sm", "molf_t0_smsel", "molf_t0_smg0.5s1", "molf_t0_smgsel0"] and len(replay) == 4
+    assert harness.selected_blend_rows(table, "molf_t0_smgsel0", [0.0], {}, [0.0, 1.0], replay) == [
+        "molf_t0_smgsel0_ridgesel0",
+        "molf_t0_smgsel0_ridgegene0",
+    ]
+    chosen_smoothing = {k: table.uns["bench_molf_t0_smoothing"][k] for k in ("self_weight", "n_rings", "spread")}
+    chosen_blend = table.uns["bench_molf_t0_smgsel0_ridgegene0_selection"]
+    before = {k: table.obsm[k].to_numpy().copy() for k in ("bench_molf_t0", "bench_ridge")}
+
+    seconds = harness.refit_fold(table, args, None, replay)
+    assert set(seconds) == {"ridge", "molf"} and min(seconds.values()) > 0
+    pd.testing.assert_series_equal(table.obs["split"], split)  # the fold's split restored
+    model = harness.FITTED["molf"][0]
+    assert "flow_val" in model.history  # refitted: each stage for its best epochs, on the validation sample too
+    assert "molf refitted: Stage I" in capsys.readouterr().out
+    # the refitted models' predictions, not the first ones
+    t0 = hf.tl.predict(harness.FITTED["molf"], table.copy(), temperature=0.0, seed=args.seed, copy=True)
+    np.testing.assert_allclose(table.obsm["bench_molf_t0"].to_numpy(), t0.obsm["molf"].to_numpy(), rtol=1e-6)
+    assert not np.allclose(table.obsm["bench_molf_t0"].to_numpy(), before["bench_molf_t0"])
+    both = table.copy()
+    both.obs["split"] = pd.Categorical(split.astype(str).replace("val", "train"))
+    hf.tl.fit_baseline(both, kind="ridge", embedding_key="X_enc", fit_intercept=True, key_added="p", seed=0)
+    np.testing.assert_allclose(table.obsm["bench_ridge"].to_numpy(), both.obsm["p"].to_numpy(), rtol=1e-5, atol=1e-6)
+    # the smoothing and blend weights chosen before, on the refitted predictions (genes ranked on the four sections)
+    ref = hf.tl.smooth_predictions(both, pred_key="bench_molf_t0", copy=True, **chosen_smoothing)
+    np.testing.assert_allclose(table.obsm["bench_molf_t0_smgsel0"].to_numpy(), ref.obsm["bench_molf_t0_smoothed"])
+    ref = hf.tl.smooth_predictions(both, pred_key="bench_molf_t0", self_weight=0.5, spread=1.0, copy=True)
+    np.testing.assert_allclose(table.obsm["bench_molf_t0_smg0.5s1"].to_numpy(), ref.obsm["bench_molf_t0_smoothed"])
+    w = chosen_blend["weight"]
+    if chosen_blend["spread"] > 0:
+        hf.tl.select_blend(both, pred_key="bench_molf_t0_smgsel0", other_key="bench_ridge", weights=(w,),
+                           spreads=(chosen_blend["spread"],), split="train", key_added="b")  # fmt: skip
+        w = both.uns["b_selection"]["weights"]["bench_molf_t0_smgsel0"].to_numpy()
+    smoothed = table.obsm["bench_molf_t0_smgsel0"].to_numpy()
+    ridge = table.obsm["bench_ridge"][table.obsm["bench_molf_t0"].columns].to_numpy()
+    np.testing.assert_allclose(
+        table.obsm["bench_molf_t0_smgsel0_ridgegene0"].to_numpy(), w * smoothed + (1 - w) * ridge, rtol=1e-5, atol=1e-6
+    )
+    assert harness._row_label("molf_t0_smgsel0_ridgegene0_refit", 1) == (
+        "MoLF (MoE, window context), temperature 0, smoothed gene-wise as chosen on validation (the best PCC), blended "
+        "with the ridge probe, gene-wise weights chosen on validation (the best PCC), refitted with the validation "
+        "section"
+    )
+    for argv, match in (
+        (["--refit"], "needs --api and the validation section"),
+        (["--refit", "--api", "--no-validation", "--no-guidance-selection"], "needs --api and the validation section"),
+        (["--refit", "--api", "--no-guidance-selection", "--set", "refit=true"], "drop --no-validation and --set"),
+        (["--refit", "--api", "--ensemble", "2", "--distil", "0.5"], "not with --distil"),
+    ):
+        with pytest.raises(SystemExit):
+            harness.main(argv)
+        assert match in capsys.readouterr().err

@@ -300,6 +300,38 @@ def test_refit_trains_again_on_the_validation_slides_for_the_best_epochs(caplog)
         assert not m.is_trained and m.history == {}
 
 
+def test_refit_after_choosing_on_the_validation_slides(tmp_path):
+    a = _table()
+    run = {"batch_size": 64, "accelerator": "cpu", "devices": 1, **TRAIN}
+    once = MoLF(a, embedding_key="X_feat", **SMALL).train(8, refit=True, **run)
+    # train, choose the guidance on the validation slides with the model as trained, then refit: the weights of
+    # train(refit=True), the chosen guidance kept
+    model = MoLF(a, embedding_key="X_feat", **SMALL).train(8, **run)
+    first = model.predict(a, seed=1)["mean"]
+    hf.tl.select_guidance(model, a, scales=(1.0, 3.0), key_added="g")
+    chosen = model.config.guidance
+    assert model.refit() is model and model.config.guidance == chosen
+    assert set(model.history) == {"vae_val", "flow_val", "vae", "flow"}
+    pd.testing.assert_frame_equal(
+        model.history["flow_val"].drop(columns="time_s"), once.history["flow_val"].drop(columns="time_s")
+    )
+    model.config.guidance = once.config.guidance
+    refitted = model.predict(a, seed=1)["mean"]
+    np.testing.assert_allclose(refitted, once.predict(a, seed=1)["mean"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(refitted, first)
+    assert model._train_libraries == once._train_libraries and model._train_libraries["val"] == []
+    # once only; a loaded model and one trained without validation slides have no run to repeat
+    with pytest.raises(RuntimeError, match="already refitted"):
+        model.refit()
+    plain = MoLF(a, embedding_key="X_feat", **SMALL).train(2, **run)
+    plain.save(tmp_path / "m")
+    no_val = a.copy()
+    no_val.obs["split"] = no_val.obs["split"].astype(str).replace("val", "train")
+    for m in (MoLF.load(tmp_path / "m", adata=a), MoLF(no_val, embedding_key="X_feat", **SMALL).train(2, **run)):
+        with pytest.raises(RuntimeError, match="needs that call's rows and settings"):
+            m.refit()
+
+
 def test_fit_checks_temperature_before_training():
     a = _table()
     keys = set(a.obsm), set(a.uns)

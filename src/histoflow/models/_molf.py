@@ -625,7 +625,8 @@ class MoLF:
             ``history["vae_val"]`` and ``history["flow_val"]``; ``history["vae"]`` and ``history["flow"]`` are the
             second run's (training losses only). Training takes the two runs' time. ``latent="vae"`` only. On HER2ST,
             where three sections train and one validates, this added 0.005–0.010 to one model's PCC (0.309 against
-            0.304 and 0.299 with two seeds; benchmarks page).
+            0.304 and 0.299 with two seeds; benchmarks page). To choose guidance, smoothing or a blend on the
+            validation slides first, train without it and call :meth:`refit` after choosing.
 
         Returns
         -------
@@ -687,22 +688,58 @@ class MoLF:
             "early_stopping": early_stopping,
         }
         self._stages(tr, va, vae_epochs or max_epochs, max_epochs, **run)
-        if refit:  # again from the same initial weights, on the training and validation slides, for the best epochs
-            best = {k: int(self.history[k]["val_loss"].idxmin()) + 1 for k in ("vae", "flow") if k in self.history}
-            for k in list(best):
-                self.history[f"{k}_val"] = self.history.pop(k)
-            logger.info("Training again on the training and validation slides for %s epochs.", best)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                self._build()
-            seed_everything(seed)
-            both = np.sort(np.concatenate([tr, va]))  # as if every one of these slides were a training slide
-            run["common"] = {**common, "early_stopping": False}
-            run["checkpoint_dir"] = None if checkpoint_dir is None else Path(checkpoint_dir) / "refit"
-            self._stages(both, va[:0], best.get("vae", 1), best["flow"], **run)
-            split = {**split, "train": both, "val": va[:0]}
         self.is_trained = True
         self._train_libraries = self._libraries_by_split(adata, split)
+        # what refit() needs to train again: the rows and settings of this run (kept in memory, not saved)
+        self._last_run = {"tr": tr, "va": va, "seed": seed, "run": run} if cfg.latent == "vae" and va.size else None
+        if refit:
+            self.refit()
+        return self
+
+    def refit(self) -> MoLF:
+        """Train again on the training and validation slides, each stage for its best epochs on validation.
+
+        Each stage trains for the epochs at which its validation loss was best. This is ``train(refit=True)`` in two
+        steps: call :meth:`train` (early stopping on the validation slides), choose what the validation slides should
+        choose with the model as trained (its guidance with :func:`~histoflow.tl.select_guidance`, the smoothing with
+        :func:`~histoflow.tl.select_smoothing`, a blend with :func:`~histoflow.tl.select_blend`), then call
+        ``refit()`` and predict with those choices, as scikit-learn's searches refit the chosen model on all the
+        data. The network restarts from the same initial weights and trains with the same settings and seed as the
+        :meth:`train` call (so ``train(refit=True)`` and ``train()`` then ``refit()`` give the same weights); the
+        configuration, including the chosen guidance, is kept. The first run's histories become
+        ``history["vae_val"]`` and ``history["flow_val"]``.
+
+        Returns
+        -------
+        The model itself.
+        """
+        last = getattr(self, "_last_run", None)
+        if last is None:
+            if "flow_val" in self.history:
+                raise RuntimeError("The model was already refitted on its validation slides; refit it only once.")
+            raise RuntimeError(
+                "`refit` trains again for the epochs at which the validation loss of the last `train` call was best, "
+                "and needs that call's rows and settings: call `train` (with validation slides and `latent='vae'`) "
+                "first, in this session (a loaded model has no training run to repeat)."
+            )
+        tr, va, seed, run = last["tr"], last["va"], last["seed"], dict(last["run"])
+        # again from the same initial weights, on the training and validation slides, for the best epochs
+        best = {k: int(self.history[k]["val_loss"].idxmin()) + 1 for k in ("vae", "flow") if k in self.history}
+        for k in list(best):
+            self.history[f"{k}_val"] = self.history.pop(k)
+        logger.info("Training again on the training and validation slides for %s epochs.", best)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self._build()
+        seed_everything(seed)
+        both = np.sort(np.concatenate([tr, va]))  # as if every one of these slides were a training slide
+        checkpoint_dir = run["checkpoint_dir"]
+        run["common"] = {**run["common"], "early_stopping": False}
+        run["checkpoint_dir"] = None if checkpoint_dir is None else Path(checkpoint_dir) / "refit"
+        self._last_run = None
+        self._stages(both, va[:0], best.get("vae", 1), best["flow"], **run)
+        self.is_trained = True
+        self._train_libraries = self._libraries_by_split(self.adata, {**run["split"], "train": both, "val": va[:0]})
         return self
 
     def _stages(
