@@ -709,7 +709,7 @@ class MoLF:
         configuration, including the chosen guidance, is kept. The first run's histories become
         ``history["vae_val"]`` and ``history["flow_val"]``. On HER2ST (benchmarks page, *Larger tolerances, then
         refitting*), the smoothing and a blend with the ridge probe chosen with a PCC tolerance of 0.01 each, then
-        the refit, scored PCC 0.317–0.324 with SSC 0.813–0.833 over three seeds (0.297–0.306 before the refit).
+        the refit, scored PCC 0.317–0.324 with SSC 0.808–0.833 over six seeds (0.297–0.306 before the refit).
 
         Returns
         -------
