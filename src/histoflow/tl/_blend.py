@@ -195,7 +195,7 @@ def blend_predictions(
     for key in w:
         _warn_off_scale(adata, key)
     dtype = np.float32 if (first.dtypes == np.float32).all() else np.float64
-    frame = pd.DataFrame(total.astype(dtype), index=first.index.copy(), columns=first.columns.copy())
+    frame = pd.DataFrame(total.astype(dtype), index=first.index, columns=first.columns.copy())  # _write sets the index
     if isinstance(w, pd.DataFrame):
         w = w.loc[genes]
     params = {"weights": w, "n_blended": int(np.isfinite(total).all(axis=1).sum())}

@@ -412,7 +412,7 @@ def smooth_predictions(
     weight = w if gene_weights is None else gene_weights["self_weight"].to_numpy()
     smoothed, use = _blend(values, neighbour_mean(values, G if rings == 1 else within_rings(G, rings)), weight)
     dtype = np.float32 if (pred.dtypes == np.float32).all() else np.float64  # as the predictions were written
-    frame = pd.DataFrame(smoothed.astype(dtype), index=pred.index.copy(), columns=pred.columns.copy())
+    frame = pd.DataFrame(smoothed.astype(dtype), index=pred.index, columns=pred.columns.copy())  # _write sets the index
     params = {
         "pred_key": pred_key,
         "self_weight": w,
